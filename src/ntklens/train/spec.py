@@ -1,0 +1,104 @@
+"""The specification of one training run and the shape of its result.
+
+A :class:`RunSpec` holds everything that decides a run's numbers; two equal specs give
+identical records on the same machine. Its :attr:`RunSpec.run_id` is a stable hash of the
+normalized spec, so a sweep can tell finished runs from new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RECORD_COLUMNS = ("step", "quantity", "value")
+
+
+class RunSpec(BaseModel):
+    """One run: data subset, model, optimizer and probe schedule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # data
+    dataset: str = "fashion-mnist"
+    data_path: str | None = None
+    n_train: int = Field(gt=0)
+    subset_seed: int = 0
+    n_test: int | None = Field(default=2000, gt=0)
+    n_probe: int = Field(default=100, gt=1)
+    probe_split: Literal["train", "test"] = "test"
+    probe_seed: int = 0
+    teacher_input_dim: int = Field(default=16, gt=0)
+    teacher_difficulty: float = Field(default=1.0, gt=0)
+    teacher_n_classes: int = Field(default=4, gt=1)
+
+    # model
+    model: Literal["mlp", "cnn"] = "mlp"
+    depth: int = Field(default=2, gt=0)
+    width: int = Field(gt=0)
+    activation: Literal["relu", "erf", "tanh", "gelu"] = "relu"
+    parameterization: Literal["standard", "ntk", "mup"] = "standard"
+    weight_std: float | None = Field(default=None, gt=0)
+    bias_std: float | None = Field(default=None, ge=0)
+
+    # training
+    seed: int = 0
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    batch_size: int | None = Field(default=None, gt=0)
+    steps: int | None = Field(default=500, gt=0)
+    epochs: int | None = Field(default=None, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+    # probes and baselines
+    probe_points_per_decade: int = Field(default=4, ge=0)
+    kernel_output: Literal["trace", "full"] = "trace"
+    spectral_position_batch: int = Field(default=256, gt=0)
+    ridge: float = Field(default=1e-6, ge=0)
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> RunSpec:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        return self
+
+    def canonical_json(self) -> str:
+        """The spec as sorted-key JSON, the input of :attr:`run_id`."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        """16 hex characters of the SHA-256 of the canonical JSON."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigenvalues (float64, descending) of a kernel measured at ``step``."""
+
+    step: int
+    kind: str
+    values: np.ndarray
+
+
+@dataclass
+class RunResult:
+    """What one run produced: tidy records, spectra and, if it failed, why."""
+
+    spec: RunSpec
+    run_id: str
+    status: Literal["ok", "failed"]
+    records: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RECORD_COLUMNS))
+    spectra: list[Spectrum] = field(default_factory=list)
+    error: str | None = None
+    failed_step: int | None = None
+    wall_time_s: float = 0.0
