@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Each installs what it needs first, so both work on a fresh machine.
+PYTHON ?= python3
+OUT ?= results/quick
+
+.PHONY: install demo test test-fast test-slow lint bench
+
+install: .installed
+
+.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh --with-browser
+	touch .installed
+
+demo: .installed
+	$(PYTHON) -m ntklens.cli reproduce fashion-mnist --scale quick --out $(OUT)
+
+test: .installed
+	$(PYTHON) -m pytest -m "not slow" -q
+	$(PYTHON) -m pytest -m slow -q
+
+test-fast: .installed
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-slow: .installed
+	$(PYTHON) -m pytest -m slow -q
+
+lint: .installed
+	ruff check .
+	ruff format --check .
+
+bench: .installed
+	$(PYTHON) benchmarks/ntk_speed.py
+	$(PYTHON) benchmarks/train_speed.py
+	$(PYTHON) benchmarks/sweep_speed.py
