@@ -1,0 +1,177 @@
+"""Spectral position: which part of the kernel's spectrum the loss gradient sits in.
+
+With g = ∂L/∂f the loss gradient in output space (N, K), flattened to index ``i*K + a``, and Θ
+the full eNTK (N*K, N*K) on the same inputs (arXiv 2605.31244):
+
+    χ_loss = ‖g‖²,   χ_net = Tr Θ,   χ_pos = gᵀΘg / (χ_loss · χ_net).
+
+χ_pos is near 1/(N*K) for a flat spectrum and larger when g lies along the top eigenmodes.
+Because gᵀΘg = ‖Jᵀg‖² = ‖∇_θ L‖², χ_pos needs no kernel: :func:`spectral_position_matrix_free`
+gets it from one backward pass plus χ_net, exact or by Hutchinson.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+from ntklens.errors import NtkLensError
+from ntklens.kernel.functional import eval_mode
+from ntklens.observables.estimators import Estimate, rademacher
+from ntklens.observables.spectrum import KernelLike, as_kernel_matrix
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Memory for the per-sample Jacobians that the exact χ_net holds at once.
+_JACOBIAN_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class SpectralPosition:
+    """χ_loss = ‖g‖², χ_net = Tr Θ, χ_pos = gᵀΘg/(χ_loss χ_net); χ_net's Hutchinson stderr."""
+
+    chi_loss: float
+    chi_net: float
+    chi_pos: float
+    chi_net_stderr: float = 0.0
+
+
+def _position(
+    chi_loss: float, chi_net: float, quadratic: float, chi_net_stderr: float = 0.0
+) -> SpectralPosition:
+    denominator = chi_loss * chi_net
+    chi_pos = quadratic / denominator if denominator > 0 else math.nan
+    return SpectralPosition(chi_loss, chi_net, chi_pos, chi_net_stderr)
+
+
+def spectral_position(full_kernel: KernelLike, g: torch.Tensor | np.ndarray) -> SpectralPosition:
+    """Spectral position from an explicit full kernel, (N, K, N, K) or (N*K, N*K).
+
+    ``g`` is ∂L/∂f of shape (N, K), or flat (N*K,) with index ``i*K + a``.
+    """
+    kernel = torch.as_tensor(full_kernel)
+    matrix = as_kernel_matrix(kernel, "full_kernel")
+    gradient = torch.as_tensor(g, device=matrix.device).to(torch.float64)
+    size = matrix.shape[0]
+    if kernel.ndim == 4:
+        matches = tuple(gradient.shape) == tuple(kernel.shape[:2])
+    else:
+        matches = gradient.ndim in (1, 2) and gradient.numel() == size
+    if not matches:
+        raise NtkLensError(
+            f"g must be the output-space loss gradient of shape (N, K) with N*K = {size} "
+            f"(the kernel's size); got shape {tuple(gradient.shape)}"
+        )
+    if not bool(torch.isfinite(gradient).all()):
+        raise NtkLensError("g has NaN or infinite entries; check the loss for divergence")
+    flat = gradient.reshape(-1)
+    return _position(
+        chi_loss=float(flat @ flat),
+        chi_net=float(matrix.diagonal().sum()),
+        quadratic=float(flat @ (matrix @ flat)),
+    )
+
+
+def _squared_norm(tensors: tuple[torch.Tensor | None, ...]) -> float:
+    return float(sum(t.to(torch.float64).square().sum() for t in tensors if t is not None))
+
+
+def _exact_jacobian_trace(
+    model: torch.nn.Module, trainable: dict[str, torch.Tensor], x: torch.Tensor, n_outputs: int
+) -> float:
+    """Σ_i ‖∂f(x_i)/∂θ‖²_F = Tr Θ, with per-sample Jacobians from vmap(jacrev) in chunks."""
+    constants = {
+        **{name: p.detach() for name, p in model.named_parameters() if name not in trainable},
+        **dict(model.named_buffers()),
+    }
+
+    def output(params: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, (params, constants), (sample.unsqueeze(0),)).squeeze(0)
+
+    def squared_jacobian_norm(
+        params: dict[str, torch.Tensor], sample: torch.Tensor
+    ) -> torch.Tensor:
+        jacobian = jacrev(output)(params, sample)
+        return sum(block.square().sum() for block in jacobian.values())
+
+    n_params = sum(p.numel() for p in trainable.values())
+    element_size = next(iter(trainable.values())).element_size()
+    bytes_per_sample = n_outputs * n_params * element_size
+    chunk = max(1, _JACOBIAN_CHUNK_BYTES // bytes_per_sample)
+    detached = {name: p.detach() for name, p in trainable.items()}
+    per_sample = vmap(squared_jacobian_norm, in_dims=(None, 0), chunk_size=chunk)(detached, x)
+    return float(per_sample.to(torch.float64).sum())
+
+
+def _hutchinson_jacobian_trace(
+    outputs: torch.Tensor, params: list[torch.Tensor], n_probes: int, seed: int
+) -> Estimate:
+    """Tr Θ = E‖Jᵀv‖² over Rademacher v in output space; one vector-Jacobian product each."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = torch.empty(n_probes, dtype=torch.float64)
+    for probe in range(n_probes):
+        v = rademacher(outputs.shape, generator, dtype=outputs.dtype, device=outputs.device)
+        vjp = torch.autograd.grad(
+            outputs, params, grad_outputs=v, retain_graph=probe + 1 < n_probes, allow_unused=True
+        )
+        samples[probe] = _squared_norm(vjp)
+    return Estimate.from_samples(samples)
+
+
+def spectral_position_matrix_free(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    n_probes: int | None = None,
+    seed: int = 0,
+) -> SpectralPosition:
+    """Spectral position of ``model`` on the batch (x, y) without building Θ.
+
+    g = ∂L/∂f and ∇_θ L come from one backward pass of ``loss_fn(model(x), y)`` (a scalar
+    that depends on θ only through the outputs (N, K)); then χ_pos = ‖∇_θ L‖² / (χ_loss χ_net).
+    χ_net is exact (per-sample Jacobians, O(N·K) backward work) when ``n_probes`` is None,
+    else a Hutchinson estimate over ``n_probes`` Rademacher output vectors seeded by ``seed``.
+    Only trainable parameters count. The model runs in eval mode; its flags are restored.
+    """
+    if n_probes is not None and n_probes < 2:
+        raise NtkLensError(
+            f"n_probes must be None (exact χ_net) or at least 2 to estimate an error; "
+            f"got {n_probes}"
+        )
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise NtkLensError("model has no trainable parameters; its kernel is zero")
+    with eval_mode(model):
+        outputs = model(x)
+        if outputs.ndim != 2 or outputs.shape[0] != x.shape[0]:
+            raise NtkLensError(
+                f"model(x) must return outputs of shape (N, K) with N = {x.shape[0]}; "
+                f"got {tuple(outputs.shape)}"
+            )
+        loss = loss_fn(outputs, y)
+        if loss.numel() != 1:
+            raise NtkLensError(
+                f"loss_fn must return a scalar (use a mean or sum reduction); "
+                f"got shape {tuple(loss.shape)}"
+            )
+        params = list(trainable.values())
+        output_gradient, *param_gradients = torch.autograd.grad(
+            loss.reshape(()),
+            [outputs, *params],
+            retain_graph=n_probes is not None,
+            allow_unused=True,
+        )
+        chi_loss = _squared_norm((output_gradient,))
+        quadratic = _squared_norm(tuple(param_gradients))
+        if n_probes is None:
+            chi_net = Estimate(_exact_jacobian_trace(model, trainable, x, outputs.shape[1]), 0.0)
+        else:
+            chi_net = _hutchinson_jacobian_trace(outputs, params, n_probes, seed)
+    return _position(chi_loss, chi_net.value, quadratic, chi_net.stderr)
