@@ -99,7 +99,7 @@ def summarize(
     if not 0.0 < fraction < 1.0:
         raise NtkLensError(f"fraction must lie in (0, 1), got {fraction!r}; e.g. 0.5")
     llm_ratio(1.0, llm_widths)
-    families = _run_families(runs, records, observables)
+    families = run_table(runs, records, observables)
     has_width_axis = any(
         sub.groupby("n_train")["width"].nunique().max() >= MIN_WIDTHS for sub in families.values()
     )
@@ -159,7 +159,7 @@ def summarize(
     return summary
 
 
-def _run_families(
+def run_table(
     runs: pd.DataFrame, records: pd.DataFrame, observables: tuple[str, ...]
 ) -> dict[str, pd.DataFrame]:
     """One row per ok run with every summarized quantity, split by family."""

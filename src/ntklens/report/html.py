@@ -1,0 +1,486 @@
+"""The self-contained HTML report: embedded figures, what the numbers support, every fit.
+
+Plain HTML and CSS with no scripts and no external resources: figures are PNG data URIs, so
+the single file can be mailed or archived. All text from the store or the summary passes
+through :func:`html.escape`. Tables carry ``data-*`` attributes on each row and a class per
+cell, so scripts (and tests) can read them back.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; }
+figcaption { font-size: 0.9em; color: #444; max-width: 60em; }
+figure.missing { border-left: 4px solid #c90; padding: 0.2em 1em; background: #fdf6e3; }
+table { border-collapse: collapse; font-size: 0.8em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; text-align: center; }
+td.family, td.group, td.quantity, td.axis, td.model, td.signal, td.method, td.note,
+td.direction, td.scaling { text-align: left; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+_METHODS = {
+    "broken_power_law": "broken power law",
+    "threshold": "threshold",
+    "advantage": "advantage",
+}
+# the columns of each summary table: cell class -> header
+_FIT_COLUMNS = {
+    "axis": "axis", "family": "family", "group": "held fixed", "quantity": "quantity",
+    "model": "model", "alpha": "α", "alpha-ci": "α CI", "a": "a", "c": "c", "r2": "R²",
+    "n-points": "points", "x-range": "x range",
+}  # fmt: skip
+_TREND_COLUMNS = {
+    "axis": "axis", "family": "family", "group": "held fixed", "quantity": "quantity",
+    "direction": "direction", "slope": "slope / decade", "slope-ci": "slope CI",
+    "spearman": "Spearman ρ", "n-points": "points",
+}  # fmt: skip
+_COMPARISON_COLUMNS = {
+    "family": "family", "quantity": "quantity", "alpha-data": "α data",
+    "alpha-data-ci": "α data CI", "alpha-width": "α width", "alpha-width-ci": "α width CI",
+    "diff": "α data − α width", "diff-ci": "difference CI", "excludes-zero": "excludes 0",
+}  # fmt: skip
+_KERNEL_COLUMNS = {
+    "family": "family", "group": "held fixed", "quantity": "quantity",
+    "alpha-network": "α network", "alpha-kernel": "α step-0 kernel", "diff": "difference",
+    "diff-ci": "difference CI", "scaling": "scaling",
+}  # fmt: skip
+_TRANSITION_COLUMNS = {
+    "family": "family", "group": "held fixed", "signal": "signal", "method": "method",
+    "w-star": "w*", "w-star-ci": "w* CI", "llm-ratio": "w* / LLM width", "note": "note",
+}  # fmt: skip
+
+Row = tuple[dict[str, str], dict[str, str]]  # (data-* attributes, cell text by column)
+
+
+@dataclass(frozen=True)
+class RenderedFigure:
+    """A drawn figure (PNG bytes, link to its PDF) or, with ``note``, why it was not drawn."""
+
+    id: str
+    title: str
+    caption: str
+    png: bytes | None = None
+    pdf_href: str | None = None
+    files: list[Path] = field(default_factory=list)
+    note: str | None = None
+
+
+def render_html(
+    *,
+    store: str,
+    runs: pd.DataFrame,
+    figures: Sequence[RenderedFigure],
+    summary: dict[str, Any],
+) -> str:
+    """The whole report page for the runs of ``store``, its figures and its summary."""
+    body = [
+        _header(store, runs, summary),
+        _figure_index(figures),
+        _findings(summary),
+        '<section id="figures"><h2>Figures</h2>',
+        *(_figure(f) for f in figures),
+        "</section>",
+        _tables(summary),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>ntklens report: {escape(store)}</title>\n<style>{STYLE}</style>\n</head>\n"
+        "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
+def _header(store: str, runs: pd.DataFrame, summary: dict[str, Any]) -> str:
+    """Title, run counts, families, the interval convention and the failed runs."""
+    settings = summary.get("settings", {})
+    failed = runs[runs["status"] != "ok"]
+    families = ", ".join(
+        f"{name} ({info.get('n_runs', '?')} runs)"
+        for name, info in summary.get("families", {}).items()
+    )
+    lines = [
+        "<h1>ntklens report</h1>",
+        f"<p>Store <code>{escape(store)}</code>: {len(runs)} runs, {len(runs) - len(failed)} ok, "
+        f"{len(failed)} failed. Families: {escape(families)}.</p>",
+        "<p>Power laws are <i>y</i> = <i>a</i>·<i>x</i><sup>−α</sup> (+ <i>c</i> for offset "
+        f"fits); intervals in brackets are {_percent(settings.get('confidence'))} bootstrap "
+        f"percentile intervals over {escape(str(settings.get('n_bootstrap', '?')))} replicates. "
+        "Error bars are the standard deviation over seeds.</p>",
+    ]
+    if len(failed):
+        items = "".join(
+            f"<li><code>{escape(str(row.run_id))}</code> (width={row.width}, "
+            f"n_train={row.n_train}): {escape(str(row.error))}</li>"
+            for row in failed.itertuples()
+        )
+        lines.append(
+            f"<details><summary>{len(failed)} failed runs (not in the fits)</summary>"
+            f"<ul>{items}</ul></details>"
+        )
+    return "<header>" + "\n".join(lines) + "</header>"
+
+
+def _figure_index(figures: Sequence[RenderedFigure]) -> str:
+    """The list of figures, with the reason for each one the study cannot show."""
+    items = []
+    for figure in figures:
+        if figure.note is None:
+            items.append(f'<li><a href="#{figure.id}">{escape(figure.title)}</a></li>')
+        else:
+            items.append(f"<li>{escape(figure.title)}: not drawn, {escape(figure.note)}</li>")
+    drawn = sum(f.note is None for f in figures)
+    return (
+        f'<nav id="figure-index"><h2>Figures ({drawn} of {len(figures)} drawn)</h2>'
+        f"<ul>{''.join(items)}</ul></nav>"
+    )
+
+
+def _figure(figure: RenderedFigure) -> str:
+    """A ``<figure>`` with the PNG as a data URI, or a note in its place."""
+    if figure.png is None:
+        return (
+            f'<figure id="{figure.id}" class="missing"><p><strong>{escape(figure.title)}</strong>'
+            f": not drawn, {escape(figure.note or '')}.</p></figure>"
+        )
+    data = base64.b64encode(figure.png).decode("ascii")
+    pdf = f' <a href="{escape(figure.pdf_href)}">PDF</a>' if figure.pdf_href else ""
+    return (
+        f'<figure id="{figure.id}"><img src="data:image/png;base64,{data}" '
+        f'alt="{escape(figure.title)}"><figcaption><strong>{escape(figure.title)}.</strong> '
+        f"{escape(figure.caption)}{pdf}</figcaption></figure>"
+    )
+
+
+# ---- what the numbers support --------------------------------------------------------
+
+
+def _findings(summary: dict[str, Any]) -> str:
+    """Per family: exponent comparison, kernel directions, w*, kernel- vs feature-driven."""
+    sections = []
+    for family in summary.get("families", {}):
+        lines = [
+            *_exponent_findings(summary, family),
+            *_direction_findings(summary, family),
+            *_transition_findings(summary, family),
+            *_kernel_driven_findings(summary, family),
+        ]
+        items = "".join(f"<li>{line}</li>" for line in lines)
+        sections.append(f"<h3>{escape(family)}</h3><ul>{items}</ul>")
+    return (
+        '<section id="findings"><h2>What the numbers support</h2>'
+        + "".join(sections)
+        + "</section>"
+    )
+
+
+def _exponent_findings(summary: dict[str, Any], family: str) -> list[str]:
+    comparison = summary.get("exponent_comparison", {}).get(family, {})
+    lines = []
+    for quantity in ("test_loss", "test_error"):
+        entry = comparison.get(quantity)
+        if entry is None:
+            continue
+        data, width = entry["data"], entry["width"]
+        verdict = (
+            "the exponents differ" if entry["excludes_zero"] else "consistent with equal exponents"
+        )
+        lines.append(
+            f"{escape(quantity.replace('_', ' '))}: α = {_estimate(data['alpha'], data['ci'])} "
+            f"under data scaling ({escape(data['group'])}) and "
+            f"{_estimate(width['alpha'], width['ci'])} under width scaling "
+            f"({escape(width['group'])}); difference {_estimate(entry['diff'], entry['ci'])}: "
+            f"{verdict}."
+        )
+    return lines or ["No performance exponents to compare (needs both a data and a width sweep)."]
+
+
+def _direction_findings(summary: dict[str, Any], family: str) -> list[str]:
+    directions = summary.get("kernel_directions", {})
+    along = {
+        axis: directions.get(axis, {}).get(family, {}).get("overall", {})
+        for axis in ("data", "width")
+    }
+    keys = [f"{k}/change" for k in summary.get("settings", {}).get("observables", [])]
+    pairs = {
+        key: (along["data"][key]["majority"], along["width"][key]["majority"])
+        for key in ["kernel_change", *keys]
+        if key in along["data"] and key in along["width"]
+    }
+    if not pairs:
+        return []
+    listed = "; ".join(f"{escape(k)}: {d} / {w}" for k, (d, w) in pairs.items())
+    opposite = [k for k, p in pairs.items() if set(p) == {"increases", "decreases"}]
+    verdict = (
+        f"opposite directions for {escape(', '.join(opposite))}"
+        if opposite
+        else "no kernel quantity moves in opposite directions"
+    )
+    return [
+        "Training-induced kernel change with more data / with more width (majority over "
+        f"groups): {listed}. So: {verdict}."
+    ]
+
+
+def _transition_findings(summary: dict[str, Any], family: str) -> list[str]:
+    transition = summary.get("transition", {})
+    if "skipped" in transition:
+        return [f"Transition width w* not estimated: {escape(transition['skipped'])}."]
+    groups = {
+        key: entry
+        for key, entry in transition.get(family, {}).items()
+        if any(entry.get(m, {}).get("w_star") is not None for m in _METHODS)
+    }
+    if not groups:
+        return ["No transition width w* could be estimated for this family."]
+    key = max(groups, key=lambda k: int(k.split("=")[1]))
+    entry = groups[key]
+    estimates = ", ".join(
+        f"{_estimate(entry[m]['w_star'], entry[m]['ci'])} ({name})"
+        for m, name in _METHODS.items()
+        if entry.get(m, {}).get("w_star") is not None
+    )
+    method = next(m for m in _METHODS if entry.get(m, {}).get("w_star") is not None)
+    ratios = entry.get("llm_ratio", {}).get(method, {})
+    line = f"Transition width at {escape(key)}: w* = {estimates}."
+    if ratios:
+        listed = ", ".join(f"{_num(r)} (width {escape(w)})" for w, r in ratios.items())
+        line += f" w*/LLM width by the {_METHODS[method]} estimate: {listed}"
+        if all(r is not None and r < 1 for r in ratios.values()):
+            line += ", so those widths lie beyond w*, on the kernel side of the transition"
+        line += "."
+    return [line]
+
+
+def _kernel_driven_findings(summary: dict[str, Any], family: str) -> list[str]:
+    per_group = summary.get("kernel_vs_network_data_exponent", {}).get(family, {})
+    verdicts: dict[str, list[str]] = {}
+    for group, entry in per_group.items():
+        if "test_loss" in entry:
+            verdicts.setdefault(entry["test_loss"]["scaling"], []).append(group)
+    if not verdicts:
+        return []
+    listed = "; ".join(f"{v} at {', '.join(g)}" for v, g in sorted(verdicts.items()))
+    return [
+        "Data-scaling exponent of the test loss against that of regression with the step-0 "
+        f"eNTK (a CI of the difference that excludes 0 means feature-driven): {escape(listed)}."
+    ]
+
+
+# ---- summary tables --------------------------------------------------------------------
+
+
+def _tables(summary: dict[str, Any]) -> str:
+    """Every fitted number of the summary, one table per kind, and what was not fitted."""
+    skipped: list[str] = []
+    parts = [
+        '<section id="summary-tables"><h2>Summary table</h2>',
+        "<h3>Power-law fits</h3>",
+        _table("fits", _FIT_COLUMNS, list(_fit_rows(summary, skipped))),
+        "<h3>Exponents: data scaling vs width scaling</h3>",
+        _table("comparisons", _COMPARISON_COLUMNS, list(_comparison_rows(summary))),
+        "<h3>Network vs step-0 kernel regression (data-scaling exponents)</h3>",
+        _table("kernel-vs-network", _KERNEL_COLUMNS, list(_kernel_rows(summary))),
+        "<h3>Transition width w*</h3>",
+        _table("transitions", _TRANSITION_COLUMNS, list(_transition_rows(summary, skipped))),
+        "<h3>Kernel trends (direction along each axis)</h3>",
+        _table("trends", _TREND_COLUMNS, list(_trend_rows(summary, skipped))),
+    ]
+    if skipped:
+        items = "".join(f"<li>{escape(s)}</li>" for s in skipped)
+        parts.append(
+            f'<details id="not-fitted"><summary>{len(skipped)} entries not fitted, with the '
+            f"reason</summary><ul>{items}</ul></details>"
+        )
+    return "\n".join([*parts, "</section>"])
+
+
+def _table(table_id: str, columns: dict[str, str], rows: list[Row]) -> str:
+    """An HTML table; each row keeps its ``data-*`` attributes, each cell its column class."""
+    if not rows:
+        return f'<p id="{table_id}">None.</p>'
+    head = "".join(f"<th>{escape(label)}</th>" for label in columns.values())
+    body = []
+    for attributes, cells in rows:
+        attrs = "".join(f' data-{k}="{escape(v, quote=True)}"' for k, v in attributes.items())
+        tds = "".join(f'<td class="{c}">{escape(cells.get(c, ""))}</td>' for c in columns)
+        body.append(f"<tr{attrs}>{tds}</tr>")
+    return (
+        f'<table id="{table_id}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def _scaling_entries(
+    summary: dict[str, Any], section: str
+) -> Iterator[tuple[str, str, str, str, dict[str, Any]]]:
+    """``(axis, family, group, quantity)`` and the entry for each quantity of a section."""
+    for axis in ("data", "width"):
+        source = (
+            summary.get(f"{axis}_scaling", {})
+            if section == "fits"
+            else summary.get("kernel_directions", {}).get(axis, {})
+        )
+        for family, groups in source.items():
+            for group, entries in groups.items():
+                if group == "overall":
+                    continue
+                for quantity, entry in entries.items():
+                    if isinstance(entry, dict):
+                        yield axis, family, group, quantity, entry
+                    elif quantity == "skipped":
+                        yield axis, family, group, "", {"skipped": entry}
+
+
+def _fit_rows(summary: dict[str, Any], skipped: list[str]) -> Iterator[Row]:
+    for axis, family, group, quantity, fit in _scaling_entries(summary, "fits"):
+        if "params" not in fit:
+            skipped.append(f"{axis} scaling, {family}, {group} {quantity}: {fit['skipped']}")
+            continue
+        shown = f"{quantity} (fit to −y)" if fit.get("sign") == "negative" else quantity
+        params = fit["params"]
+        yield (
+            {"axis": axis, "family": family, "group": group, "quantity": quantity},
+            {
+                "axis": axis, "family": family, "group": group, "quantity": shown,
+                "model": fit["model"], "alpha": _num(params["alpha"]),
+                "alpha-ci": _interval(fit["ci"]["alpha"]), "a": _num(params["a"]),
+                "c": _num(params.get("c")), "r2": _num(fit["r2"]),
+                "n-points": str(fit["n_points"]),
+                "x-range": _interval([fit["x_min"], fit["x_max"]]),
+            },
+        )  # fmt: skip
+
+
+def _trend_rows(summary: dict[str, Any], skipped: list[str]) -> Iterator[Row]:
+    for axis, family, group, quantity, trend in _scaling_entries(summary, "trends"):
+        if "direction" not in trend:
+            if quantity:  # a skipped group is already listed with the fits
+                skipped.append(f"{axis} trend, {family}, {group} {quantity}: {trend['skipped']}")
+            continue
+        yield (
+            {"axis": axis, "family": family, "group": group, "quantity": quantity},
+            {
+                "axis": axis, "family": family, "group": group, "quantity": quantity,
+                "direction": trend["direction"], "slope": _num(trend["slope_per_decade"]),
+                "slope-ci": _interval(trend["ci"]), "spearman": _num(trend["spearman"]),
+                "n-points": str(trend["n_points"]),
+            },
+        )  # fmt: skip
+
+
+def _comparison_rows(summary: dict[str, Any]) -> Iterator[Row]:
+    for family, quantities in summary.get("exponent_comparison", {}).items():
+        for quantity, entry in quantities.items():
+            data, width = entry["data"], entry["width"]
+            yield (
+                {"family": family, "quantity": quantity},
+                {
+                    "family": family, "quantity": quantity,
+                    "alpha-data": f"{_num(data['alpha'])} ({data['group']})",
+                    "alpha-data-ci": _interval(data["ci"]),
+                    "alpha-width": f"{_num(width['alpha'])} ({width['group']})",
+                    "alpha-width-ci": _interval(width["ci"]), "diff": _num(entry["diff"]),
+                    "diff-ci": _interval(entry["ci"]),
+                    "excludes-zero": "yes" if entry["excludes_zero"] else "no",
+                },
+            )  # fmt: skip
+
+
+def _kernel_rows(summary: dict[str, Any]) -> Iterator[Row]:
+    for family, groups in summary.get("kernel_vs_network_data_exponent", {}).items():
+        for group, losses in groups.items():
+            for quantity, entry in losses.items():
+                yield (
+                    {"family": family, "group": group, "quantity": quantity},
+                    {
+                        "family": family, "group": group, "quantity": quantity,
+                        "alpha-network": _num(entry["alpha_a"]),
+                        "alpha-kernel": _num(entry["alpha_b"]), "diff": _num(entry["diff"]),
+                        "diff-ci": _interval(entry["ci"]), "scaling": entry["scaling"],
+                    },
+                )  # fmt: skip
+
+
+def _transition_rows(summary: dict[str, Any], skipped: list[str]) -> Iterator[Row]:
+    transition = summary.get("transition", {})
+    if "skipped" in transition:
+        skipped.append(f"transition width: {transition['skipped']}")
+        return
+    for family, groups in transition.items():
+        for group, entry in groups.items():
+            if "skipped" in entry:
+                skipped.append(f"transition width, {family}, {group}: {entry['skipped']}")
+                continue
+            estimates = [("kernel_change", m, entry[m]) for m in _METHODS if m in entry]
+            estimates += [
+                (signal, m, estimate)
+                for signal, methods in entry.get("signals", {}).items()
+                for m, estimate in methods.items()
+            ]
+            for signal, method, estimate in estimates:
+                shown_signal = "loss advantage" if method == "advantage" else signal
+                ratios = (
+                    entry.get("llm_ratio", {}).get(method) if signal == "kernel_change" else None
+                )
+                yield (
+                    {"family": family, "group": group, "signal": shown_signal, "method": method},
+                    {
+                        "family": family, "group": group, "signal": shown_signal,
+                        "method": _METHODS[method], "w-star": _num(estimate.get("w_star")),
+                        "w-star-ci": _interval(estimate.get("ci")),
+                        "llm-ratio": ", ".join(
+                            f"{_num(r)} (/{w})" for w, r in (ratios or {}).items()
+                        ),
+                        "note": _transition_note(estimate),
+                    },
+                )  # fmt: skip
+
+
+def _transition_note(estimate: dict[str, Any]) -> str:
+    """Why an estimate is missing or weak: its skip reason, or the method's own remarks."""
+    if "skipped" in estimate:
+        return estimate["skipped"]
+    details = estimate.get("details", {})
+    notes = [details[k] for k in ("reason", "ci_reason") if details.get(k)]
+    if details.get("at_grid_edge"):
+        notes.append("break at the edge of the width grid")
+    return "; ".join(notes)
+
+
+# ---- numbers ---------------------------------------------------------------------------
+
+
+def _num(value: float | None) -> str:
+    """Four significant digits; an em dash for a missing number."""
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _interval(bounds: Sequence[float | None] | None) -> str:
+    """``[low, high]``; an em dash when there is no interval."""
+    if not bounds or all(b is None for b in bounds):
+        return "—"
+    low, high = bounds
+    return f"[{_num(low)}, {_num(high)}]"
+
+
+def _estimate(value: float | None, bounds: Sequence[float | None] | None) -> str:
+    """``value [low, high]`` for running text, saying so when the interval is missing."""
+    shown = _interval(bounds)
+    return f"{_num(value)} {shown if shown != '—' else '(no CI)'}"
+
+
+def _percent(confidence: float | None) -> str:
+    return "?" if confidence is None else f"{confidence:.0%}"
