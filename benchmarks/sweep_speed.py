@@ -1,0 +1,114 @@
+"""Sweep speed-up: the wall time of N CPU-bound runs with 2 local workers vs. 1.
+
+Each run trains an MLP on the synthetic teacher task (no file I/O) with real probes, through
+the same driver, executor and store as ``ntklens sweep``. Both sweeps run in this process,
+one after the other, into fresh stores; the result is the ratio of their wall times
+(target: 2 workers ≤ 0.65 × 1 worker). Each worker runs torch on one thread by default, so
+the ratio measures the executor's parallelism; --threads-per-worker 0 uses the executor's
+own split (cores // workers), which gives the single worker every core.
+
+    python benchmarks/sweep_speed.py [--runs 8] [--steps 1000] [--width 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+from ntklens.sweep import LocalExecutor, run_sweep
+from ntklens.sweep.executors import available_cores
+from ntklens.sweep.progress import LogProgress, SweepProgress
+from ntklens.train.spec import RunSpec
+
+
+def benchmark_specs(runs: int, steps: int, width: int) -> list[RunSpec]:
+    """``runs`` equal-cost runs that differ only in their seed."""
+    return [
+        RunSpec(
+            dataset="teacher",
+            teacher_input_dim=32,
+            n_train=2000,
+            n_test=500,
+            n_probe=20,
+            width=width,
+            depth=2,
+            batch_size=128,
+            steps=steps,
+            lr=0.05,
+            probe_points_per_decade=0,
+            spectral_position_batch=64,
+            seed=seed,
+        )
+        for seed in range(runs)
+    ]
+
+
+def timed_sweep(specs: list[RunSpec], workers: int, threads: int | None, quiet: bool) -> float:
+    """Seconds for the whole sweep, pool start-up and store writes included."""
+    executor = LocalExecutor(workers, threads_per_worker=threads)
+    with tempfile.TemporaryDirectory() as store:
+        started = time.perf_counter()
+        summary = run_sweep(
+            specs,
+            Path(store),
+            executor=executor,
+            progress=SweepProgress() if quiet else LogProgress(),
+        )
+        elapsed = time.perf_counter() - started
+    if summary.n_ok != len(specs):
+        raise RuntimeError(f"{summary.n_failed} benchmark runs failed")
+    return elapsed
+
+
+def busy_loop(n: int) -> int:
+    """Pure-Python work: what the machine's cores give two processes, without ntklens."""
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def machine_ratio(n: int = 10_000_000) -> float:
+    """Wall time of two busy loops in two processes over the same two loops in one: ~0.5 on
+    two idle cores, ~1 when other load leaves no core free (then no executor can gain)."""
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(busy_loop, [1, 1])  # start both processes before timing
+        started = time.perf_counter()
+        pool.map(busy_loop, [n, n])
+        parallel = time.perf_counter() - started
+    started = time.perf_counter()
+    busy_loop(n)
+    busy_loop(n)
+    return parallel / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--threads-per-worker", type=int, default=1)
+    parser.add_argument("--quiet", action="store_true", help="no per-run log lines")
+    args = parser.parse_args()
+
+    specs = benchmark_specs(args.runs, args.steps, args.width)
+    timings = {}
+    for workers in (1, 2):
+        threads = args.threads_per_worker or max(1, available_cores() // workers)
+        timings[workers] = timed_sweep(specs, workers, args.threads_per_worker or None, args.quiet)
+        print(
+            f"{workers} worker(s) × {threads} torch thread(s): {args.runs} runs in "
+            f"{timings[workers]:.1f} s",
+            flush=True,
+        )
+    print(f"machine baseline: 2 busy processes / 1 = {machine_ratio():.3f}", flush=True)
+    ratio = timings[2] / timings[1]
+    verdict = "meets" if ratio <= 0.65 else "misses"
+    print(f"wall time ratio 2 workers / 1 worker: {ratio:.3f} ({verdict} the ≤ 0.65 target)")
+
+
+if __name__ == "__main__":
+    main()

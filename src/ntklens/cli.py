@@ -1,0 +1,328 @@
+"""The ``ntklens`` command line: thin commands over the library.
+
+Every command turns its options into one library call and prints the result. A user error
+(:class:`~ntklens.errors.NtkLensError`, e.g. a bad config) prints ``error: <one line>`` to
+stderr and exits with code 2, for every command of :data:`app` (see :class:`_Commands`);
+usage errors also exit with 2, and ``sweep`` exits with 1 if any run failed. Imports of the
+heavy parts happen inside the commands, so ``--help`` stays fast. To add a command, write
+``@app.command()`` on a function that calls the library.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from ntklens.errors import NtkLensError
+
+EXIT_RUN_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Commands(TyperGroup):
+    """The command group: user errors become one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NtkLensError as error:
+            message = " ".join(str(error).split())
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    name="ntklens",
+    help="Neural scaling laws through the empirical neural tangent kernel.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class ExecutorKind(enum.StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+class QueryFormat(enum.StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class KernelOutput(enum.StrEnum):
+    trace = "trace"
+    full = "full"
+
+
+class Split(enum.StrEnum):
+    train = "train"
+    test = "test"
+
+
+ConfigArgument = Annotated[
+    Path, typer.Argument(help="Study config (TOML), e.g. examples/width_scaling.toml.")
+]
+StoreArgument = Annotated[Path, typer.Argument(help="Results store directory.")]
+
+
+@app.command()
+def sweep(
+    config: ConfigArgument,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="Results store directory [default: results/<study name>]."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", min=1, help="Local worker processes [default: all cores]."),
+    ] = None,
+    executor: Annotated[
+        ExecutorKind, typer.Option(help="Run locally in processes, or as Ray tasks.")
+    ] = ExecutorKind.local,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (e.g. auto); default: start Ray locally."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rerun runs already in the store.")] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option("--retry-failed/--keep-failed", help="Rerun runs stored as failed, or not."),
+    ] = True,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Log lines instead of a live display.")
+    ] = False,
+) -> None:
+    """Run every run of a study not yet in the store; rerun to resume a stopped sweep."""
+    from ntklens.sweep.config import load_config
+
+    study = load_config(config)
+    from ntklens.sweep import make_progress, run_sweep  # heavy: only for a valid config
+
+    store = store or Path("results") / study.name
+    try:
+        summary = run_sweep(
+            study,
+            store,
+            executor=executor.value,
+            workers=workers,
+            address=address,
+            force=force,
+            retry_failed=retry_failed,
+            progress=make_progress(quiet=quiet),
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            "interrupted: finished runs are stored; run the same command to resume", err=True
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(
+        f"{study.name}: {summary.n_total} runs, {summary.n_skipped} already stored, "
+        f"{summary.n_ok} ok, {summary.n_failed} failed; store: {store}"
+    )
+    if summary.n_failed:
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@app.command("plan")
+def plan_command(config: ConfigArgument) -> None:
+    """List the runs of a study with a cost estimate, without running anything."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ntklens.sweep.config import load_config
+
+    study = load_config(config)
+    from ntklens.sweep.planning import plan, plan_table  # heavy: only for a valid config
+
+    table = plan_table(plan(study))
+    view = Table(title=f"{study.name}: {len(table)} runs", title_justify="left")
+    for column in ("run_id", "param", "width", "n_train", "lr", "seed", "steps", "est. GFLOP"):
+        view.add_column(column, justify="left" if column in ("run_id", "param") else "right")
+    for row in table.itertuples(index=False):
+        view.add_row(
+            row.run_id,
+            row.parameterization,
+            str(row.width),
+            str(row.n_train),
+            f"{row.lr:.4g}",
+            str(row.seed),
+            str(row.steps),
+            f"{row.gflop:,.1f}",
+        )
+    console = Console(width=max(100, Console().width))
+    console.print(view)
+    console.print(
+        f"total: {len(table)} runs, {table['steps'].sum()} steps, "
+        f"~{table['gflop'].sum():.4g} GFLOP (rough; training + probes + kernel baselines)",
+        highlight=False,
+    )
+
+
+@app.command()
+def status(
+    store: StoreArgument,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Also count the study's runs not yet stored."),
+    ] = None,
+) -> None:
+    """Summarize a store: runs ok and failed (with reasons), and what is left of a study."""
+    from ntklens.store import open as open_store
+
+    runs = open_store(store).runs()
+    n_ok = int((runs["status"] == "ok").sum())
+    failed = runs[runs["status"] == "failed"]
+    typer.echo(f"{store}: {len(runs)} runs stored, {n_ok} ok, {len(failed)} failed")
+    for row in failed.itertuples(index=False):
+        typer.echo(f"  failed {row.run_id} width={row.width} n_train={row.n_train}: {row.error}")
+    if config is not None:
+        from ntklens.sweep.config import load_config
+
+        study = load_config(config)
+        from ntklens.sweep.planning import plan
+
+        planned = {spec.run_id for spec in plan(study)}
+        stored_ok = set(runs.loc[runs["status"] == "ok", "run_id"])
+        typer.echo(
+            f"{study.name}: {len(planned)} planned, {len(planned & stored_ok)} done, "
+            f"{len(planned - stored_ok)} to do"
+        )
+
+
+@app.command()
+def query(
+    store: StoreArgument,
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views runs, records, spectra.")],
+    output_format: Annotated[
+        QueryFormat, typer.Option("--format", "-f", help="How to print the result.")
+    ] = QueryFormat.table,
+) -> None:
+    """Run SQL over a store, e.g. "SELECT width, avg(value) FROM records JOIN runs USING
+    (run_id) WHERE quantity = 'test_loss' GROUP BY width"."""
+    import pandas as pd
+
+    from ntklens.store import open as open_store
+
+    result = open_store(store).query(sql)
+    if output_format is QueryFormat.csv:
+        typer.echo(result.to_csv(index=False), nl=False)
+    elif output_format is QueryFormat.json:
+        typer.echo(result.to_json(orient="records", date_format="iso"))
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None):
+            typer.echo(result.to_string(index=False))
+
+
+@app.command()
+def ntk(
+    model_file: Annotated[
+        Path,
+        typer.Argument(
+            help="A whole model saved with torch.save(model, path). It is loaded with "
+            "torch.load(weights_only=False), which runs code from the file: only load "
+            "files you trust."
+        ),
+    ],
+    dataset: Annotated[str, typer.Option(help="Dataset name, e.g. fashion-mnist, digits.")],
+    data_path: Annotated[
+        Path | None, typer.Option(help="Directory holding the dataset's files.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=2, help="Number of probe points.")] = 256,
+    split: Annotated[Split, typer.Option(help="Split to draw the probe points from.")] = (
+        Split.test
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the class-balanced probe set.")] = 0,
+    output: Annotated[
+        KernelOutput,
+        typer.Option(help="trace: N×N summed over outputs; full: (N·K)×(N·K)."),
+    ] = KernelOutput.trace,
+    standardize: Annotated[
+        bool, typer.Option(help="Standardize inputs with train statistics, as runs do.")
+    ] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="Save the kernel as a .npy file (flattened if full).")
+    ] = None,
+) -> None:
+    """The eNTK of a saved model on a probe set of a dataset, and its observables."""
+    kernel, observables = _saved_model_kernel(
+        model_file, dataset, data_path, n, split.value, seed, output.value, standardize
+    )
+    width = max(len(name) for name in observables)
+    for name, value in observables.items():
+        typer.echo(f"{name:<{width}}  {value:.6g}")
+    if out is not None:
+        import numpy as np
+
+        np.save(out, kernel.numpy())
+        typer.echo(f"kernel {tuple(kernel.shape)} saved to {out}")
+
+
+def _saved_model_kernel(
+    model_file: Path,
+    dataset: str,
+    data_path: Path | None,
+    n_probe: int,
+    split: str,
+    seed: int,
+    output: str,
+    standardize: bool,
+) -> tuple[Any, dict[str, float]]:
+    """Load the model and the probe set, checking both, then the kernel and observables."""
+    import torch
+
+    from ntklens import flatten
+    from ntklens import ntk as entk
+    from ntklens.data import load_dataset, preprocess, probe_indices
+    from ntklens.observables import kernel_observables
+    from ntklens.train.probes import kernel_targets
+
+    if not model_file.is_file():
+        raise NtkLensError(f"{model_file}: no such model file; save one with torch.save(model)")
+    try:
+        model = torch.load(model_file, weights_only=False, map_location="cpu")
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise NtkLensError(
+            f"{model_file}: cannot load ({reason}); save the whole model with torch.save"
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise NtkLensError(
+            f"{model_file}: holds a {type(model).__name__}, not a model; save the "
+            "nn.Module itself with torch.save(model, path)"
+        )
+    data = load_dataset(dataset, path=data_path)
+    if standardize:
+        data = preprocess(data, standardize=True)
+    x_all, y_all = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    index = torch.from_numpy(probe_indices(y_all, n_probe, seed))
+    dtype = next(model.parameters()).dtype
+    x, labels = x_all[index].to(dtype), y_all[index]
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(x[:1])
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise NtkLensError(
+            f"{model_file}: the model does not take {dataset} inputs of shape "
+            f"{tuple(x.shape[1:])} ({reason}); give the dataset it was trained on"
+        ) from None
+    if outputs.shape[-1] != data.n_classes:
+        raise NtkLensError(
+            f"{model_file}: the model has {outputs.shape[-1]} outputs but {dataset} has "
+            f"{data.n_classes} classes; give the dataset it was trained on"
+        )
+    kernel = entk(model, x, output=output)
+    one_hot = torch.nn.functional.one_hot(labels, data.n_classes).to(torch.float64)
+    observables = kernel_observables(kernel, targets=kernel_targets(one_hot, output))
+    flat = flatten(kernel) if output == "full" else kernel
+    return flat.detach().cpu(), observables

@@ -1,0 +1,5 @@
+"""The results store: atomic per-run directories of Parquet files, queried with DuckDB."""
+
+from ntklens.store.store import RECORDS_SCHEMA, RUNS_SCHEMA, SPECTRA_SCHEMA, Store, open
+
+__all__ = ["RECORDS_SCHEMA", "RUNS_SCHEMA", "SPECTRA_SCHEMA", "Store", "open"]

@@ -1,0 +1,315 @@
+"""The results store: one directory per finished run, written atomically, read with DuckDB.
+
+Layout (see docs/architecture.md)::
+
+    STORE/runs/<run_id>/run.json          spec, status, error, failed_step, wall_time_s
+    STORE/runs/<run_id>/records.parquet   run_id, step, quantity, value
+    STORE/runs/<run_id>/spectra.parquet   run_id, step, kind, values (list<double>)
+    STORE/.tmp/                           staging; a run directory appears by one rename
+    STORE/.lock                           held (flock) by the one sweep that writes
+
+A run is staged complete in ``.tmp/`` and moved into ``runs/`` by a single ``os.rename``,
+so readers, which never lock, only ever see whole runs. Only one writer (a sweep driver)
+holds the store at a time; when it takes the lock it clears what a killed writer left in
+``.tmp/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import types
+import typing
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import ntklens
+from ntklens.errors import NtkLensError
+from ntklens.train.spec import RunResult, RunSpec
+
+RUN_FILE = "run.json"
+RECORDS_FILE = "records.parquet"
+SPECTRA_FILE = "spectra.parquet"
+
+RECORDS_SCHEMA = pa.schema(
+    [("run_id", pa.string()), ("step", pa.int64()), ("quantity", pa.string()),
+     ("value", pa.float64())]
+)  # fmt: skip
+SPECTRA_SCHEMA = pa.schema(
+    [("run_id", pa.string()), ("step", pa.int64()), ("kind", pa.string()),
+     ("values", pa.list_(pa.float64()))]
+)  # fmt: skip
+_OUTCOME_FIELDS = [
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("failed_step", pa.int64()),
+    ("wall_time_s", pa.float64()),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("ntklens_version", pa.string()),
+]
+_READ_ATTEMPTS = 5
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    """The Arrow type of a RunSpec field: int, float, str, bool or a Literal of str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _arrow_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return _arrow_type(type(args[0]))
+    return {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}[annotation]
+
+
+RUNS_SCHEMA = pa.schema(
+    [("run_id", pa.string())]
+    + [(name, _arrow_type(field.annotation)) for name, field in RunSpec.model_fields.items()]
+    + _OUTCOME_FIELDS
+)
+
+
+class Store:
+    """A results store directory. Reading needs no lock; writing is for one sweep at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.runs_dir = path / "runs"
+        self.staging_dir = path / ".tmp"
+        self._run_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    # ---- writing -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Store]:
+        """Hold the store's writer lock; on entry clear what a killed writer left in .tmp."""
+        with (self.path / ".lock").open("a+") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.seek(0)
+                holder = lock_file.read().strip() or "another process"
+                raise NtkLensError(
+                    f"{self.path}: store is being written by a running sweep (pid {holder}); "
+                    "wait for it to finish or give another --store"
+                ) from None
+            lock_file.truncate(0)
+            lock_file.write(str(os.getpid()))
+            lock_file.flush()
+            self._recover_staging()
+            try:
+                yield self
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def write(self, result: RunResult) -> None:
+        """Store one run atomically, replacing an earlier record of the same run id."""
+        self.staging_dir.mkdir(exist_ok=True)
+        staged = self.staging_dir / f"new-{result.run_id}-{uuid.uuid4().hex[:8]}"
+        staged.mkdir()
+        _write_json(staged / RUN_FILE, _run_document(result))
+        _write_parquet(staged / RECORDS_FILE, _records_table(result))
+        _write_parquet(staged / SPECTRA_FILE, _spectra_table(result))
+        _fsync_dir(staged)
+        target = self.runs_dir / result.run_id
+        aside = None
+        if target.exists():
+            aside = self.staging_dir / f"old-{result.run_id}-{uuid.uuid4().hex[:8]}"
+            os.rename(target, aside)
+        os.rename(staged, target)
+        _fsync_dir(self.runs_dir)
+        if aside is not None:
+            shutil.rmtree(aside)
+
+    def _recover_staging(self) -> None:
+        """Drop half-staged runs; put back a replaced run whose successor never arrived."""
+        self.staging_dir.mkdir(exist_ok=True)
+        for entry in sorted(self.staging_dir.iterdir()):
+            kind, _, rest = entry.name.partition("-")
+            run_id = rest.rsplit("-", 1)[0]
+            target = self.runs_dir / run_id
+            if kind == "old" and run_id and not target.exists():
+                os.rename(entry, target)
+            elif entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    # ---- reading -------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, str]:
+        """run_id -> "ok" | "failed" for every stored run."""
+        return {doc["run_id"]: doc["status"] for doc in self._run_documents()}
+
+    def runs(self) -> pd.DataFrame:
+        """One row per run: run_id, every RunSpec field, status, error, failed_step, ..."""
+        return self.query("SELECT * FROM runs ORDER BY run_id")
+
+    def records(self) -> pd.DataFrame:
+        """Tidy records of all runs: run_id, step, quantity, value."""
+        return self.query("SELECT * FROM records ORDER BY run_id, step, quantity")
+
+    def spectra(self) -> pd.DataFrame:
+        """Kernel spectra of all runs: run_id, step, kind, values (float64 arrays)."""
+        frame = self.query("SELECT * FROM spectra ORDER BY run_id, step, kind")
+        frame["values"] = [np.asarray(v, dtype=np.float64) for v in frame["values"]]
+        return frame
+
+    def query(self, sql: str) -> pd.DataFrame:
+        """Run DuckDB SQL over the views ``runs``, ``records`` and ``spectra``."""
+        for attempt in range(_READ_ATTEMPTS):
+            connection = duckdb.connect()
+            try:
+                self._register_views(connection)
+                relation = connection.sql(sql)
+                return relation.df() if relation is not None else pd.DataFrame()
+            except duckdb.IOException as error:
+                # A run directory was replaced between listing and reading it: list again.
+                if attempt == _READ_ATTEMPTS - 1:
+                    raise NtkLensError(f"query: {_first_line(error)}; try again") from None
+            except duckdb.Error as error:
+                raise NtkLensError(
+                    f"query: {_first_line(error)}; the tables are runs, records and spectra"
+                ) from None
+            finally:
+                connection.close()
+        raise AssertionError("unreachable")
+
+    def _register_views(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Views over one snapshot of the finished runs, so the three tables agree."""
+        documents = self._run_documents()
+        connection.register("runs", _runs_table(documents))
+        for view, filename, schema in (
+            ("records", RECORDS_FILE, RECORDS_SCHEMA),
+            ("spectra", SPECTRA_FILE, SPECTRA_SCHEMA),
+        ):
+            files = [str(self.runs_dir / doc["run_id"] / filename) for doc in documents]
+            if files:
+                connection.read_parquet(files).create_view(view)
+            else:
+                connection.register(view, schema.empty_table())
+
+    def _run_documents(self) -> list[dict[str, Any]]:
+        """run.json of every run directory, cached by inode and mtime."""
+        documents = []
+        with os.scandir(self.runs_dir) as entries:
+            names = sorted(entry.name for entry in entries if entry.is_dir())
+        for name in names:
+            path = self.runs_dir / name / RUN_FILE
+            try:
+                stat = path.stat()
+                key = (stat.st_ino, stat.st_mtime_ns)
+                cached = self._run_cache.get(name)
+                if cached is None or cached[0] != key:
+                    cached = (key, json.loads(path.read_text(encoding="utf-8")))
+                    self._run_cache[name] = cached
+            except FileNotFoundError:
+                continue  # being replaced right now; the next listing has it
+            documents.append(cached[1])
+        return documents
+
+
+def open(path: str | os.PathLike[str], *, create: bool = False) -> Store:
+    """Open the results store at ``path`` (``create=True`` makes it if missing)."""
+    root = Path(path).expanduser()
+    if create:
+        if root.exists() and not root.is_dir():
+            raise NtkLensError(f"{root}: exists and is not a directory; give another --store")
+        (root / "runs").mkdir(parents=True, exist_ok=True)
+        (root / ".tmp").mkdir(exist_ok=True)
+    elif not root.exists():
+        raise NtkLensError(f"{root}: no such store; check the path or run a sweep into it")
+    elif not (root / "runs").is_dir():
+        raise NtkLensError(f"{root}: not an ntklens store (no runs/ folder); check the path")
+    return Store(root)
+
+
+def _run_document(result: RunResult) -> dict[str, Any]:
+    return {
+        "run_id": result.run_id,
+        "spec": result.spec.model_dump(mode="json"),
+        "status": result.status,
+        "error": result.error,
+        "failed_step": result.failed_step,
+        "wall_time_s": float(result.wall_time_s),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "ntklens_version": ntklens.__version__,
+    }
+
+
+def _runs_table(documents: list[dict[str, Any]]) -> pa.Table:
+    rows = [
+        {
+            "run_id": doc["run_id"],
+            **doc["spec"],
+            **{name: doc.get(name) for name, _ in _OUTCOME_FIELDS},
+            "finished_at": dt.datetime.fromisoformat(doc["finished_at"]),
+        }
+        for doc in documents
+    ]
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+
+
+def _records_table(result: RunResult) -> pa.Table:
+    records = result.records
+    return pa.table(
+        {
+            "run_id": [result.run_id] * len(records),
+            "step": records["step"].to_numpy(dtype=np.int64),
+            "quantity": records["quantity"].astype(str).tolist(),
+            "value": records["value"].to_numpy(dtype=np.float64),
+        },
+        schema=RECORDS_SCHEMA,
+    )
+
+
+def _spectra_table(result: RunResult) -> pa.Table:
+    spectra = result.spectra
+    return pa.table(
+        {
+            "run_id": [result.run_id] * len(spectra),
+            "step": [int(s.step) for s in spectra],
+            "kind": [s.kind for s in spectra],
+            "values": [np.asarray(s.values, dtype=np.float64) for s in spectra],
+        },
+        schema=SPECTRA_SCHEMA,
+    )
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    with path.open("wb") as file:
+        pq.write_table(table, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    with path.open("w", encoding="utf-8") as file:
+        json.dump(document, file, indent=2, sort_keys=True)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]

@@ -1,0 +1,157 @@
+"""Executors and the driver with stand-in tasks: threads, failures, lost workers, resume."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+import ntklens.store
+from ntklens.errors import ConfigError, NtkLensError
+from ntklens.sweep import Executor, LocalExecutor, SweepSummary, run_sweep
+from ntklens.sweep.executors import execute_run, make_executor
+from ntklens.sweep.progress import LiveProgress, LogProgress, make_progress
+from ntklens.train.spec import RunResult, RunSpec
+
+CRASHING_WIDTH = 13
+RAISING_WIDTH = 7
+
+
+def thread_reporting_task(spec: RunSpec) -> RunResult:
+    """Records the torch thread count it ran with and the worker's pid."""
+    import torch
+
+    if spec.width == RAISING_WIDTH:
+        raise ValueError("width 7 is unlucky\nsecond line")
+    if spec.width == CRASHING_WIDTH:
+        os._exit(3)  # a worker that dies, as if killed or out of memory
+    records = pd.DataFrame(
+        {
+            "step": [0, 0, 0],
+            "quantity": ["threads", "pid", "width_squared"],
+            "value": [float(torch.get_num_threads()), float(os.getpid()), float(spec.width**2)],
+        }
+    )
+    return RunResult(spec=spec, run_id=spec.run_id, status="ok", records=records)
+
+
+def specs(*widths: int) -> list[RunSpec]:
+    return [RunSpec(dataset="digits", n_train=50, width=w, steps=5) for w in widths]
+
+
+def values(store: ntklens.store.Store, quantity: str) -> dict[int, float]:
+    frame = store.query(
+        f"SELECT width, value FROM records JOIN runs USING (run_id) WHERE quantity = '{quantity}'"
+    )
+    return dict(zip(frame["width"], frame["value"], strict=True))
+
+
+class InProcessExecutor(Executor):
+    """Runs specs one by one in this process: the driver's tests need no worker processes."""
+
+    def results(self, specs: Sequence[RunSpec]) -> Iterator[RunResult]:
+        for spec in specs:
+            yield execute_run(spec, thread_reporting_task, threads=1)
+
+
+def test_local_executor_runs_each_spec_once_on_the_given_threads(tmp_path: Path) -> None:
+    executor = LocalExecutor(2, threads_per_worker=1, task=thread_reporting_task)
+    summary = run_sweep(specs(1, 2, RAISING_WIDTH, 4, 5), tmp_path, executor=executor)
+    assert (summary.n_total, summary.n_ok, summary.n_failed, summary.n_skipped) == (5, 4, 1, 0)
+    store = ntklens.store.open(tmp_path)
+    assert values(store, "width_squared") == {w: float(w**2) for w in (1, 2, 4, 5)}
+    assert set(values(store, "threads").values()) == {1.0}
+    pids = set(values(store, "pid").values())
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
+    runs = store.runs().set_index("width")
+    assert runs.loc[RAISING_WIDTH, "status"] == "failed"
+    assert runs.loc[RAISING_WIDTH, "error"] == "ValueError: width 7 is unlucky"
+
+
+def test_only_the_run_whose_worker_died_is_charged(tmp_path: Path) -> None:
+    # One worker: the run queued behind the crashing one must not be charged for it.
+    executor = LocalExecutor(1, task=thread_reporting_task, max_attempts=1)
+    summary = run_sweep(specs(1, CRASHING_WIDTH, 3, 4), tmp_path, executor=executor)
+    assert (summary.n_ok, summary.n_failed) == (3, 1)
+    runs = ntklens.store.open(tmp_path).runs().set_index("width")
+    assert runs.loc[CRASHING_WIDTH, "status"] == "failed"
+    assert "worker process died 1 times" in runs.loc[CRASHING_WIDTH, "error"]
+    assert set(runs.loc[[1, 3, 4], "status"]) == {"ok"}
+
+
+def test_rerun_skips_stored_runs_retries_failed_and_force_reruns_all(tmp_path: Path) -> None:
+    def sweep(*widths: int, **options: bool) -> SweepSummary:
+        return run_sweep(specs(*widths), tmp_path, executor=InProcessExecutor(), **options)
+
+    first = sweep(1, RAISING_WIDTH)
+    store = ntklens.store.open(tmp_path)
+    first_written = store.runs().set_index("width")["finished_at"]
+    assert (first.n_ok, first.n_failed) == (1, 1)
+
+    kept = sweep(1, RAISING_WIDTH, 2, retry_failed=False)
+    assert (kept.n_skipped, kept.n_ok, kept.n_failed) == (2, 1, 0)
+    retried = sweep(1, RAISING_WIDTH, 2)
+    assert (retried.n_skipped, retried.n_ok, retried.n_failed) == (2, 0, 1)
+    written = store.runs().set_index("width")["finished_at"]
+    assert written[1] == first_written[1]  # never rerun
+    assert written[RAISING_WIDTH] > first_written[RAISING_WIDTH]
+
+    forced = sweep(1, 2, force=True)
+    assert (forced.n_skipped, forced.n_ok) == (0, 2)
+    assert store.runs().set_index("width")["finished_at"][1] > first_written[1]
+    assert len(store.runs()) == 3
+
+
+def test_log_progress_prints_one_line_per_run(tmp_path: Path, capsys) -> None:
+    executor = InProcessExecutor()
+    run_sweep(specs(1, RAISING_WIDTH), tmp_path, executor=executor, progress=LogProgress())
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("sweep: 2 runs to do, 0 already stored")
+    assert len(lines) == 3 and [line.split()[0] for line in lines[1:]] == ["[1/2]", "[2/2]"]
+    assert "FAILED (ValueError: width 7 is unlucky)" in lines[2]
+    assert lines[2].endswith("failed 1 eta 0:00:00")
+
+
+def test_executor_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="--workers"):
+        LocalExecutor(0)
+    with pytest.raises(ConfigError, match="--address only applies"):
+        make_executor("local", address="auto")
+    with pytest.raises(ConfigError, match="--workers only applies"):
+        make_executor("ray", workers=2)
+
+
+def test_a_second_sweep_on_a_busy_store_is_refused(tmp_path: Path) -> None:
+    store = ntklens.store.open(tmp_path, create=True)
+    executor = InProcessExecutor()
+    with store.writer(), pytest.raises(NtkLensError, match="being written by a running sweep"):
+        run_sweep(specs(1), tmp_path, executor=executor)
+
+
+def test_live_progress_shows_done_running_failed_and_eta() -> None:
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    progress = make_progress(console=console)
+    assert isinstance(progress, LiveProgress)
+    ok = execute_run(specs(1)[0], thread_reporting_task, threads=1)
+    failed = execute_run(specs(RAISING_WIDTH)[0], thread_reporting_task, threads=1)
+    with progress:
+        progress.begin(3, skipped=2, slots=2)
+        progress.finished(ok)
+        progress.finished(failed)
+    text = screen.getvalue()
+    assert "skipping 2 runs already in the store" in text
+    assert "2/3" in text and "1 running, 1 failed" in text and "ETA" in text
+    assert "width 7 is unlucky" in text
+
+
+def test_quiet_or_piped_output_gets_log_lines() -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    piped = Console(file=io.StringIO(), force_terminal=False)
+    assert isinstance(make_progress(quiet=True, console=terminal), LogProgress)
+    assert isinstance(make_progress(console=piped), LogProgress)
