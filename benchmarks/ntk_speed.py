@@ -1,0 +1,517 @@
+"""Speed, peak memory and accuracy of ``ntklens.ntk`` against the torch.func tutorial.
+
+Models: a 784→W→W→W→10 ReLU MLP (W = 512, 2048) and a CNN (conv 1→16→16, 3×3, no
+padding, dense head) on 28×28×1 Fashion-MNIST test images, float32. For every method and
+configuration it prints the median time of the timed runs, the speed-up over the faster of
+two baselines written here after the torch.func "Neural Tangent Kernels" tutorial
+(Jacobian contraction; NTK-vector products), the peak memory and the largest deviation
+from a float64 reference. It also prints this machine's float32 matmul GFLOP/s next to
+the GFLOP/s that ``layerwise`` achieves, and can time a trace kernel on 10,000 images.
+
+    python benchmarks/ntk_speed.py                 # everything (tens of minutes)
+    python benchmarks/ntk_speed.py --quick         # the configurations of the acceptance
+    python benchmarks/ntk_speed.py --only cnn mlp512 --repeats 5
+
+Timing: sizes N/2^k (from 8 up) run first as warm-up and to extrapolate the time for N
+(fit a·n + b·n²); a baseline whose estimate exceeds --limit seconds, or one of ntklens'
+explicit methods over --method-limit ("auto" always runs), is skipped and said so.
+Otherwise a warm-up at N (when under 10 s) and --repeats timed runs (at least 7 when under
+5 s) follow, all in this process. Peak memory: one more run in a fresh subprocess, as the
+rise of its resident set's high-water mark (reset through /proc/self/clear_refs after
+imports, data and model) over the resident set just before the run. Reference: ntklens
+layerwise in float64 (checked against an explicit Jacobian in tests/test_kernel.py) on
+the first 256 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+import ntklens
+from ntklens.data import load_dataset, preprocess
+from ntklens.kernel.functional import eval_mode, probe_model
+from ntklens.kernel.layerwise import LayerwisePlan
+
+BASELINE_MEMORY = 4 * 2**30  # bytes of Jacobians / vjps a baseline tile may hold
+REFERENCE_SAMPLES = 256
+SEED = 0
+OUTPUT_MARKER = "NTK_SPEED_RESULT "
+
+
+# --- models and data ---------------------------------------------------------------------
+
+
+def build_model(name: str) -> nn.Module:
+    """The benchmark's models, initialized from SEED."""
+    torch.manual_seed(SEED)
+    if name.startswith("mlp"):
+        width = int(name[3:])
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 24 * 24, 10),
+    )
+
+
+def load_images(n: int) -> Tensor:
+    """The first ``n`` Fashion-MNIST images (test split, then train), standardized."""
+    data = preprocess(load_dataset("fashion-mnist"))
+    return torch.cat([data.x_test, data.x_train])[:n].contiguous()
+
+
+# --- the baselines: torch.func tutorial "Neural Tangent Kernels", on sample tiles ---------
+
+
+def _single_sample(model: nn.Module) -> tuple[dict[str, Tensor], Callable]:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fnet_single(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, params, (x.unsqueeze(0),)).squeeze(0)
+
+    return params, fnet_single
+
+
+def tutorial_jacobian(model: nn.Module, x: Tensor, output: str) -> Tensor:
+    """The tutorial's ``empirical_ntk_jacobian_contraction(fnet_single, params, x, x)``.
+
+    Called on pairs of sample tiles where two tiles' Jacobians would not fit
+    BASELINE_MEMORY, as a user of the tutorial would.
+    """
+    params, fnet_single = _single_sample(model)
+    k = 10
+    tile = _baseline_tile("tutorial-jacobian", model)
+
+    def empirical_ntk_jacobian_contraction(x1: Tensor, x2: Tensor) -> Tensor:
+        jac1 = vmap(jacrev(fnet_single), (None, 0))(params, x1)
+        jac1 = [j.flatten(2) for j in jac1.values()]
+        jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
+        jac2 = [j.flatten(2) for j in jac2.values()]
+        if output == "full":
+            terms = [torch.einsum("Naf,Mbf->NMab", a, b) for a, b in zip(jac1, jac2, strict=True)]
+            return torch.stack(terms).sum(0).permute(0, 2, 1, 3)
+        terms = [torch.einsum("Naf,Maf->NM", a, b) for a, b in zip(jac1, jac2, strict=True)]
+        return torch.stack(terms).sum(0)
+
+    return _tile_pairs(x, tile, empirical_ntk_jacobian_contraction, output, k)
+
+
+def tutorial_ntk_vps(model: nn.Module, x: Tensor, output: str) -> Tensor:
+    """The tutorial's ``empirical_ntk_ntk_vps(fnet_single, params, x, x)``, on pairs of
+    sample tiles whose vjps fit BASELINE_MEMORY."""
+    params, fnet_single = _single_sample(model)
+    k = 10
+    tile = _baseline_tile("tutorial-ntk-vps", model)
+
+    def get_ntk(x1: Tensor, x2: Tensor) -> Tensor:
+        def func_x1(params: dict[str, Tensor]) -> Tensor:
+            return fnet_single(params, x1)
+
+        def func_x2(params: dict[str, Tensor]) -> Tensor:
+            return fnet_single(params, x2)
+
+        out, vjp_fn = vjp(func_x1, params)
+
+        def get_ntk_slice(vec: Tensor) -> Tensor:
+            vjps = vjp_fn(vec)
+            _, jvps = jvp(func_x2, (params,), vjps)
+            return jvps
+
+        basis = torch.eye(out.numel(), dtype=out.dtype).view(out.numel(), -1)
+        return vmap(get_ntk_slice)(basis)
+
+    def empirical_ntk_ntk_vps(x1: Tensor, x2: Tensor) -> Tensor:
+        result = vmap(vmap(get_ntk, (None, 0)), (0, None))(x1, x2)
+        if output == "full":
+            return result.permute(0, 2, 1, 3)
+        return torch.einsum("NMKK->NM", result)
+
+    return _tile_pairs(x, tile, empirical_ntk_ntk_vps, output, k)
+
+
+def _baseline_tile(method: str, model: nn.Module) -> int:
+    """Samples per tile: two tiles' Jacobians, or one tile pair's vjps, fit BASELINE_MEMORY."""
+    size = 10 * 4 * sum(p.numel() for p in model.parameters())
+    if method == "tutorial-jacobian":
+        return max(1, BASELINE_MEMORY // (2 * size))
+    return max(1, math.isqrt(BASELINE_MEMORY // size))
+
+
+def _tile_pairs(x: Tensor, tile: int, kernel: Callable, output: str, k: int) -> Tensor:
+    """``kernel(x, x)`` assembled from ``kernel`` on every pair of sample tiles."""
+    if tile >= len(x):
+        return kernel(x, x)
+    n = len(x)
+    result = torch.empty((n, k, n, k) if output == "full" else (n, n))
+    tiles = [slice(i, min(i + tile, n)) for i in range(0, n, tile)]
+    for rows in tiles:
+        for cols in tiles:
+            if output == "full":
+                result[rows, :, cols, :] = kernel(x[rows], x[cols])
+            else:
+                result[rows, cols] = kernel(x[rows], x[cols])
+    return result
+
+
+def ntklens_method(method: str) -> Callable[[nn.Module, Tensor, str], Tensor]:
+    def run(model: nn.Module, x: Tensor, output: str) -> Tensor:
+        return ntklens.ntk(model, x, output=output, method=method)
+
+    return run
+
+
+METHODS: dict[str, Callable[[nn.Module, Tensor, str], Tensor]] = {
+    "auto": ntklens_method("auto"),
+    "layerwise": ntklens_method("layerwise"),
+    "jacobian": ntklens_method("jacobian"),
+    "vector-products": ntklens_method("vector-products"),
+    "tutorial-jacobian": tutorial_jacobian,
+    "tutorial-ntk-vps": tutorial_ntk_vps,
+}
+BASELINES = ("tutorial-jacobian", "tutorial-ntk-vps")
+
+
+# --- measurements ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    n: int
+    output: str
+    methods: tuple[str, ...] = tuple(METHODS)
+
+
+@dataclass
+class Row:
+    config: Config
+    method: str
+    seconds: float | None = None
+    estimate: float | None = None
+    peak_bytes: float | None = None
+    deviation: float | None = None
+    note: str = ""
+
+
+def extrapolate(model: nn.Module, x: Tensor, output: str, fn: Callable, limit: float) -> float:
+    """Estimated seconds at len(x), from doubling sizes that also warm the code up.
+
+    Stops as soon as even linear scaling of the last size exceeds ``limit``.
+    """
+    points: list[tuple[int, float]] = []
+    n = 8
+    while n <= len(x) // 4 or not points:
+        start = time.perf_counter()
+        fn(model, x[:n], output)
+        points.append((n, time.perf_counter() - start))
+        if points[-1][1] * len(x) / n > limit:
+            break
+        n *= 2
+    if len(points) == 1:
+        (n1, t1) = points[0]
+        return t1 * (len(x) / n1) ** 2
+    (n1, t1), (n2, t2) = points[-2:]
+    quadratic = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))
+    linear = max(0.0, t2 / n2 - quadratic * n2)
+    return linear * len(x) + quadratic * len(x) ** 2
+
+
+def time_runs(
+    model: nn.Module, x: Tensor, output: str, fn: Callable, repeats: int, estimate: float
+):
+    """Median seconds of ``repeats`` runs (at least 7 when short, to damp the noise of a
+    shared machine), after a warm-up at full size when short."""
+    if estimate < 10:
+        fn(model, x, output)
+    times, result = [], None
+    for _ in range(repeats if estimate > 5 else max(repeats, 7)):
+        start = time.perf_counter()
+        result = fn(model, x, output)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def peak_in_subprocess(config: Config, method: str, budget: str | None = None) -> dict:
+    """Run one configuration once in a fresh process; its peak memory rise and time."""
+    spec = {"model": config.model, "n": config.n, "output": config.output, "method": method}
+    if budget is not None:
+        spec["budget"] = budget
+    command = [sys.executable, str(Path(__file__).resolve()), "--measure", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(OUTPUT_MARKER):
+            return json.loads(line[len(OUTPUT_MARKER) :])
+    raise RuntimeError(f"memory probe failed for {spec}: {done.stderr.strip()[-2000:]}")
+
+
+def measure_here(spec: dict) -> None:
+    """The subprocess side of :func:`peak_in_subprocess`: prints one JSON line."""
+    model = build_model(spec["model"])
+    x = load_images(spec["n"])
+    if spec["model"] == "cnn":
+        x = x.reshape(-1, 1, 28, 28)
+    if "budget" in spec:
+        fn = lambda m, xs, out: ntklens.ntk(m, xs, output=out, memory_budget=spec["budget"])  # noqa: E731
+    else:
+        fn = METHODS[spec["method"]]
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    fn(model, x, spec["output"])
+    seconds = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - before) * 1024
+    print(OUTPUT_MARKER + json.dumps({"peak_bytes": peak, "seconds": seconds}), flush=True)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def relative_deviation(kernel: Tensor, reference: Tensor) -> float:
+    n = reference.shape[0]
+    part = kernel[:n, :, :n, :] if kernel.dim() == 4 else kernel[:n, :n]
+    return ((part.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
+    """This machine's float32 matmul speed: median of ``repeats`` size×size products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def layerwise_flops(model: nn.Module, x: Tensor, output: str) -> float:
+    """FLOPs of the layerwise method by its analytic cost model, each sample pair once."""
+    full = output == "full"
+    with eval_mode(model):
+        probe = probe_model(model, x)
+        plan = LayerwisePlan.probe(model, x, probe, len(x) / 2, full)
+        cost = plan.cost(probe)
+    return len(x) * cost.feature_flops + len(x) * (len(x) + 1) / 2 * cost.pair_flops
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def all_configs() -> list[Config]:
+    configs = []
+    for model in ("mlp512", "mlp2048"):
+        for n in (256, 1024):
+            for output in ("full", "trace"):
+                configs.append(Config(model, n, output))
+    configs.append(Config("cnn", 128, "full"))
+    for n in (256, 1024):
+        for output in ("full", "trace"):
+            configs.append(Config("cnn", n, output))
+    return configs
+
+
+def quick_configs() -> list[Config]:
+    return [
+        Config("mlp512", 256, "full"),
+        Config("mlp512", 256, "trace"),
+        Config("cnn", 128, "full", ("auto", "layerwise", "tutorial-jacobian")),
+        Config("mlp2048", 1024, "trace", ("auto",)),
+    ]
+
+
+def run_config(
+    config: Config, images: Tensor, repeats: int, limits: tuple[float, float], console: Console
+) -> list[Row]:
+    """Time, memory and deviation of every method of ``config``.
+
+    ``limits``: seconds above which a baseline, or one of ntklens' explicit methods, is
+    skipped ("auto" always runs).
+    """
+    model = build_model(config.model)
+    x = images[: config.n]
+    if config.model == "cnn":
+        x = x.reshape(-1, 1, 28, 28)
+    reference = ntklens.ntk(
+        model,
+        x[:REFERENCE_SAMPLES],
+        output=config.output,
+        method="layerwise",
+        dtype=torch.float64,
+    )
+    rows = []
+    for method in config.methods:
+        fn = METHODS[method]
+        row = Row(config, method)
+        limit = limits[0] if method in BASELINES else limits[1]
+        if method == "auto":
+            limit = math.inf
+        row.estimate = extrapolate(model, x, config.output, fn, limit)
+        if row.estimate > limit:
+            row.note = f"skipped: estimated {row.estimate:.0f} s > {limit:.0f} s"
+        else:
+            row.seconds, kernel = time_runs(model, x, config.output, fn, repeats, row.estimate)
+            row.deviation = relative_deviation(kernel, reference)
+            if method == "auto":
+                row.note = f"chose {CHOICES.methods[-1]}"
+            row.peak_bytes = peak_in_subprocess(config, method)["peak_bytes"]
+            del kernel
+        if method in BASELINES:
+            tiled = (
+                "tutorial code on tile pairs"
+                if row.config.n > _baseline_tile(method, model)
+                else ""
+            )
+            row.note = "; ".join(filter(None, [row.note, tiled]))
+        console.log(f"{config} {method}: {row.seconds or row.estimate:.2f} s {row.note}")
+        rows.append(row)
+    return rows
+
+
+class _Choices(logging.Handler):
+    """Keeps the method names that ``ntklens.ntk`` logs when it picks one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.methods: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.methods.append(str(record.args[0]))
+
+
+CHOICES = _Choices()
+
+
+def print_table(rows: list[Row], console: Console) -> None:
+    table = Table(title="ntklens.ntk vs the torch.func tutorial (float32, x2=None)")
+    for column in (
+        "model",
+        "N",
+        "output",
+        "method",
+        "median s",
+        "× faster baseline",
+        "peak MiB",
+        "max rel dev",
+        "note",
+    ):
+        table.add_column(column, justify="right" if column not in ("method", "note") else "left")
+    for row in rows:
+        same = [r for r in rows if r.config == row.config and r.method in BASELINES]
+        fastest = min((r.seconds or r.estimate for r in same), default=None)
+        mine = row.seconds
+        speedup = ""
+        if fastest is not None and mine is not None and row.method not in BASELINES:
+            measured = any(r.seconds is not None and r.seconds == fastest for r in same)
+            speedup = f"{fastest / mine:.1f}" + ("" if measured else " (vs est.)")
+        table.add_row(
+            row.config.model,
+            str(row.config.n),
+            row.config.output,
+            row.method,
+            f"{mine:.3f}" if mine is not None else f"~{row.estimate:.0f}",
+            speedup,
+            f"{row.peak_bytes / 2**20:.0f}" if row.peak_bytes is not None else "",
+            f"{row.deviation:.1e}" if row.deviation is not None else "",
+            row.note,
+        )
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only the acceptance configs")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=("mlp512", "mlp2048", "cnn", "fmnist", "gemm"),
+        help="run only these parts",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per config (≥3)")
+    parser.add_argument(
+        "--limit", type=float, default=120.0, help="skip baselines estimated slower (s)"
+    )
+    parser.add_argument(
+        "--method-limit",
+        type=float,
+        default=60.0,
+        help="skip ntklens' explicit methods estimated slower (s)",
+    )
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure_here(json.loads(args.measure))
+        return
+    console = Console(width=160)
+    logger = logging.getLogger("ntklens.kernel.api")
+    logger.addHandler(CHOICES)
+    logger.setLevel(logging.INFO)
+    parts = set(args.only or ("mlp512", "mlp2048", "cnn", "fmnist", "gemm"))
+    configs = quick_configs() if args.quick else all_configs()
+    images = load_images(max(c.n for c in configs))
+    console.log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows: list[Row] = []
+    done: list[Row] = []
+    for config in configs:
+        if config.model in parts:
+            limits = (args.limit, args.method_limit)
+            done = run_config(config, images, args.repeats, limits, console)
+            print_table(done, console)
+            rows.extend(done)
+    if len(rows) > len(done):
+        print_table(rows, console)
+    if "gemm" in parts:
+        gemm = matmul_gflops()
+        console.print(f"float32 matmul (4096×4096): {gemm:.1f} GFLOP/s on this machine")
+        for row in rows:
+            if row.method in ("layerwise", "auto") and row.seconds is not None:
+                model = build_model(row.config.model)
+                x = images[: row.config.n]
+                if row.config.model == "cnn":
+                    x = x.reshape(-1, 1, 28, 28)
+                rate = layerwise_flops(model, x, row.config.output) / row.seconds / 1e9
+                console.print(
+                    f"  {row.method} {row.config.model} N={row.config.n} {row.config.output}: "
+                    f"{rate:.1f} GFLOP/s ({rate / gemm:.0%} of matmul)"
+                )
+    if "fmnist" in parts:
+        result = peak_in_subprocess(Config("mlp512", 10_000, "trace"), "auto", budget="4GiB")
+        console.print(
+            f"trace kernel of 10,000 Fashion-MNIST images, W=512 MLP, memory_budget='4GiB': "
+            f"{result['seconds']:.1f} s, peak rise {result['peak_bytes'] / 2**30:.2f} GiB"
+        )
+
+
+if __name__ == "__main__":
+    main()

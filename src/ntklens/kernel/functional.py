@@ -1,0 +1,124 @@
+"""The model as a function of its trainable parameters, evaluated in eval mode.
+
+Every kernel method differentiates the same function ``f(θ, x) -> (N, K)``: the model's
+output with the batch dimension first and all other output dimensions flattened into K.
+Only parameters with ``requires_grad=True`` are part of θ; everything else (frozen
+parameters, buffers) is a constant.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+Params = dict[str, Tensor]
+
+
+def trainable_parameters(model: nn.Module) -> Params:
+    """The trainable parameters by name, each shared Parameter once."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def detached(params: Params) -> Params:
+    """The same parameters without autograd history, for torch.func transforms."""
+    return {name: p.detach() for name, p in params.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` in eval mode and restore every submodule's training flag after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def output_fn(
+    model: nn.Module, constants: Params | None = None
+) -> Callable[[Params, Tensor], Tensor]:
+    """``f(params, x)``: the model's output on the batch ``x`` as an (N, K) tensor.
+
+    ``params`` replaces those parameters of the model; ``constants`` (detached) replace
+    others, so that no autograd graph is built through them.
+    """
+    dicts = (constants,) if constants else ()
+
+    def f(params: Params, x: Tensor) -> Tensor:
+        out = functional_call(model, (params, *dicts), (x,), strict=False)
+        return out.reshape(x.shape[0], -1)
+
+    return f
+
+
+def single_sample_fn(
+    model: nn.Module, constants: Params | None = None
+) -> Callable[[Params, Tensor], Tensor]:
+    """``f(params, x)`` for one sample ``x`` (no batch dimension): a (K,) tensor."""
+    batched = output_fn(model, constants)
+
+    def f(params: Params, x: Tensor) -> Tensor:
+        return batched(params, x.unsqueeze(0))[0]
+
+    return f
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """Per-sample costs of the model, measured on a forward pass over a few samples."""
+
+    n_outputs: int
+    n_params: int
+    forward_flops: float
+    activation_bytes: float
+    element_size: int
+
+
+class _ActivationCounter(TorchFunctionMode):
+    """Counts the elements of every floating-point tensor the forward pass produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, Tensor) and tensor.is_floating_point():
+                self.numel += tensor.numel()
+        return out
+
+
+def probe_model(model: nn.Module, x: Tensor, n_samples: int = 2) -> ModelProbe:
+    """Forward FLOPs, activation bytes and output count per sample of ``model`` on ``x``."""
+    batch = x[:n_samples]
+    counter = _ActivationCounter()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops, counter:
+        out = model(batch)
+    params = trainable_parameters(model)
+    element_size = next(iter(params.values())).element_size()
+    return ModelProbe(
+        n_outputs=math.prod(out.shape[1:]),
+        n_params=sum(p.numel() for p in params.values()),
+        forward_flops=flops.get_total_flops() / len(batch),
+        activation_bytes=counter.numel * element_size / len(batch),
+        element_size=element_size,
+    )

@@ -1,0 +1,281 @@
+"""Tiling over the data so that a kernel computation stays within a memory budget.
+
+A kernel method turns a tile of samples into *features* (per-sample Jacobians, layer
+inputs and cotangents) and contracts the features of two tiles into one block of the
+kernel. :class:`Footprint` says how many bytes that takes per sample and per sample pair;
+:func:`plan_tiles` picks the largest tile that fits and whether all features can be kept
+(computed once) or must be recomputed per block; :func:`assemble` runs the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+from ntklens.errors import NtkLensError
+
+Features = TypeVar("Features")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+#: Smallest tile worth keeping all features for; below it recomputing gives bigger tiles.
+_MIN_CACHED_TILE = 64
+#: A diagonal tile is split this many ways so that only its upper sub-blocks are computed,
+#: once it has at least _MIN_SPLIT_ROWS samples.
+_DIAGONAL_SPLIT = 4
+_MIN_SPLIT_ROWS = 64
+
+
+def parse_memory(budget: int | str) -> int:
+    """Bytes in ``budget``: an int (bytes) or a string such as "512MiB", "4GiB", "1.5GB"."""
+    if isinstance(budget, bool) or not isinstance(budget, int | str):
+        raise NtkLensError(
+            f"memory_budget must be bytes (int) or a string like '4GiB', got {budget!r}"
+        )
+    if isinstance(budget, int):
+        value = budget
+    else:
+        match = _MEMORY.match(budget)
+        unit = match.group(2).lower() if match else None
+        if unit not in _UNITS:
+            raise NtkLensError(
+                f"memory_budget {budget!r} is not a size; write e.g. '512MiB', '4GiB' or '1.5GB'"
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise NtkLensError(f"memory_budget must be positive, got {budget!r}")
+    return value
+
+
+def format_bytes(n_bytes: float, *, round_up: bool = False) -> str:
+    """``n_bytes`` in the largest binary unit that keeps it at least 1, for messages.
+
+    ``round_up``: never below ``n_bytes``, so the text can be passed back as a budget.
+    """
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            value = n_bytes / size
+            return f"{math.ceil(value * 10) / 10 if round_up else value:.1f}{unit}"
+    return f"{math.ceil(n_bytes)}B"
+
+
+def budget_error(needed: float, budget: int, what: str) -> NtkLensError:
+    """The error for a budget below the ``needed`` bytes of the smallest possible tile."""
+    return NtkLensError(
+        f"memory_budget of {format_bytes(budget)} is too small for one tile ({what}); "
+        f"it needs at least {format_bytes(needed, round_up=True)}: raise memory_budget"
+    )
+
+
+def largest_tile(n: int, per_sample: float, budget: int, *, what: str, fixed: float = 0) -> int:
+    """The most samples (at most ``n``) whose ``per_sample`` bytes fit ``budget``."""
+    tile = min(n, math.floor((budget - fixed) / max(per_sample, 1.0)))
+    if tile < 1:
+        raise budget_error(fixed + per_sample, budget, what)
+    return tile
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a kernel method holds, by what they scale with.
+
+    ``feature``: kept per sample between computing features and contracting them;
+    ``work``: transient per sample while computing features; ``pair``: transient per
+    sample pair while contracting two tiles, the kernel block included.
+    """
+
+    feature: float
+    work: float
+    pair: float
+
+    def peak(self, tile: int, n_kept: int) -> float:
+        """Bytes at the peak with tiles of ``tile`` samples and ``n_kept`` samples' features.
+
+        Feature work and contraction are counted as if they overlapped, which they do for
+        methods that featurize inside the contraction.
+        """
+        return n_kept * self.feature + tile * self.work + tile * tile * self.pair
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles of ``tile`` samples; ``cache``: features of every sample computed once."""
+
+    tile: int
+    cache: bool
+
+
+def plan_tiles(
+    n1: int, n2: int | None, footprint: Footprint, output_bytes: float, budget: int
+) -> TilePlan:
+    """The largest tiles whose peak memory, with the kernel itself, fits ``budget``.
+
+    ``n2`` is None for the symmetric kernel of x1. Features of all samples are kept when
+    that still allows tiles of a reasonable size; otherwise they are recomputed per block.
+    """
+    n_all = n1 + (n2 or 0)
+    n_max = max(n1, n2 or 0)
+
+    def fits(tile: int, n_kept: int) -> bool:
+        return output_bytes + footprint.peak(tile, n_kept) <= budget
+
+    def largest(n_kept: Callable[[int], int]) -> int:
+        low, high = 0, n_max
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid, n_kept(mid)) else (low, mid - 1)
+        return low
+
+    cached = largest(lambda _: n_all)
+    if cached >= min(n_max, _MIN_CACHED_TILE):
+        return TilePlan(cached, cache=True)
+    streamed = largest(lambda tile: 2 * tile)
+    if streamed < 1:
+        needed = output_bytes + footprint.peak(1, 2)
+        raise budget_error(needed, budget, "the kernel itself plus one sample pair's work")
+    return TilePlan(streamed, cache=False)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a block of the kernel goes: its shape and how to mirror it."""
+
+    full: bool
+    n_outputs: int
+
+    def empty(self, n1: int, n2: int, like: Tensor) -> Tensor:
+        k = self.n_outputs
+        shape = (n1, k, n2, k) if self.full else (n1, n2)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    def write(self, out: Tensor, rows: slice, cols: slice, block: Tensor, mirror: bool) -> None:
+        if self.full:
+            out[rows, :, cols, :] = block
+            if mirror:
+                out[cols, :, rows, :] = block.permute(2, 3, 0, 1)
+        else:
+            out[rows, cols] = block
+            if mirror:
+                out[cols, rows] = block.T
+
+
+@dataclass(frozen=True)
+class TiledKernel(Generic[Features]):
+    """A kernel method as ``featurize`` (tile -> features) and ``contract`` (two -> block).
+
+    Features are tensors with samples first, objects that slice like them, or lists of
+    these.
+    """
+
+    featurize: Callable[[Tensor], Features]
+    contract: Callable[[Features, Features], Tensor]
+
+    def assemble(self, x1: Tensor, x2: Tensor | None, plan: TilePlan, layout: Layout) -> Tensor:
+        """The kernel between ``x1`` and ``x2`` (x1 itself if None), block by block.
+
+        For the symmetric kernel only blocks on or above the diagonal are contracted; the
+        others are their mirror images. Diagonal tiles are split into sub-blocks for the
+        same reason.
+        """
+        symmetric = x2 is None
+        other = x1 if x2 is None else x2
+        rows = _tiles(len(x1), plan.tile)
+        cols = rows if symmetric else _tiles(len(other), plan.tile)
+        out = None
+        kept1 = [self.featurize(x1[r]) for r in rows] if plan.cache else None
+        kept2 = kept1 if symmetric or not plan.cache else [self.featurize(other[c]) for c in cols]
+        for i, r in enumerate(rows):
+            f1 = kept1[i] if kept1 is not None else self.featurize(x1[r])
+            for j, c in enumerate(cols):
+                if symmetric and j < i:
+                    continue
+                if symmetric and j == i:
+                    pieces = _upper_sub_blocks(r, f1)
+                else:
+                    f2 = kept2[j] if kept2 is not None else self.featurize(other[c])
+                    pieces = [(r, c, f1, f2)]
+                for rr, cc, a, b in pieces:
+                    block = self.contract(a, b)
+                    if out is None:
+                        out = layout.empty(len(x1), len(other), block)
+                    layout.write(out, rr, cc, block, mirror=symmetric and rr != cc)
+        assert out is not None
+        return out
+
+
+def _upper_sub_blocks(
+    tile: slice, features: Features
+) -> list[tuple[slice, slice, Features, Features]]:
+    """The sub-blocks on and above the diagonal of a tile's kernel with itself."""
+    n = tile.stop - tile.start
+    parts = _tiles(n, math.ceil(n / _DIAGONAL_SPLIT)) if n >= _MIN_SPLIT_ROWS else [slice(0, n)]
+    return [
+        (_shift(p, tile.start), _shift(q, tile.start), _take(features, p), _take(features, q))
+        for i, p in enumerate(parts)
+        for q in parts[i:]
+    ]
+
+
+def _take(features: Any, rows: slice) -> Any:
+    """The features of the samples ``rows``."""
+    if isinstance(features, list):
+        return [_take(f, rows) for f in features]
+    return features[rows]
+
+
+def _shift(rows: slice, by: int) -> slice:
+    return slice(rows.start + by, rows.stop + by)
+
+
+def _tiles(n: int, tile: int) -> list[slice]:
+    return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A method's estimated work: FLOPs per sample (features) and per sample pair
+    (contraction), and its memory :class:`Footprint`.
+
+    ``feature_flops`` counts autograd work, which runs well below matmul speed; it is
+    weighted by :data:`AUTOGRAD_SLOWDOWN` when methods are compared.
+    """
+
+    feature_flops: float
+    pair_flops: float
+    footprint: Footprint
+
+    def total_flops(self, n1: int, n2: int | None, plan: TilePlan) -> float:
+        """Matmul-equivalent FLOPs for the kernel of n1 by n2 samples (n2 None: symmetric).
+
+        Without cached features, the column tiles are featurized again for every row tile.
+        """
+        n_rows = math.ceil(n1 / plan.tile)
+        if n2 is None:
+            n_pairs = n1 * (n1 + 1) / 2
+            n_featurized = n1 if plan.cache else n1 + n1 * (n_rows - 1) / 2
+        else:
+            n_pairs = n1 * n2
+            n_featurized = n1 + n2 * (1 if plan.cache else n_rows)
+        return AUTOGRAD_SLOWDOWN * n_featurized * self.feature_flops + n_pairs * self.pair_flops
+
+
+#: How much slower per FLOP autograd passes run than one large matmul (a rough ratio).
+AUTOGRAD_SLOWDOWN = 3.0
