@@ -80,11 +80,11 @@ def sweep(
     config: ConfigArgument,
     store: Annotated[
         Path | None,
-        typer.Option(help="Results store directory [default: results/<study name>]."),
+        typer.Option(help="Results store directory (default: results/<study name>)."),
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", "-w", min=1, help="Local worker processes [default: all cores]."),
+        typer.Option("--workers", "-w", min=1, help="Local worker processes (default: all cores)."),
     ] = None,
     executor: Annotated[
         ExecutorKind, typer.Option(help="Run locally in processes, or as Ray tasks.")
@@ -265,6 +265,89 @@ def ntk(
 
         np.save(out, kernel.numpy())
         typer.echo(f"kernel {tuple(kernel.shape)} saved to {out}")
+
+
+class ReportFormat(enum.StrEnum):
+    html = "html"
+    json = "json"
+
+
+class Scale(enum.StrEnum):
+    quick = "quick"
+    full = "full"
+
+
+@app.command()
+def report(
+    store: StoreArgument,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: <store>/report).")
+    ] = None,
+    output_format: Annotated[
+        ReportFormat,
+        typer.Option("--format", "-f", help="html: page + PNG/PDF figures; json: numbers only."),
+    ] = ReportFormat.html,
+) -> None:
+    """Fit scaling laws and the transition width over a store, and write the report."""
+    from ntklens.report import build_report
+
+    result = build_report(store, out or store / "report", fmt=output_format.value)
+    if output_format is ReportFormat.json:
+        typer.echo(result.paths[0].read_text(encoding="utf-8"))
+        return
+    for path in result.paths:
+        typer.echo(f"wrote {path}")
+    for figure, reason in result.skipped.items():
+        typer.echo(f"figure {figure} not drawn: {reason}")
+
+
+@app.command()
+def reproduce(
+    dataset: Annotated[str, typer.Argument(help="Dataset with a protocol: fashion-mnist.")],
+    scale: Annotated[
+        Scale, typer.Option(help="quick: ~15 min on 2 CPU cores; full: paper scale (GPU/Ray).")
+    ] = Scale.quick,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: results/<dataset>-<scale>).")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", min=1, help="Local worker processes (default: all cores)."),
+    ] = None,
+    executor: Annotated[
+        ExecutorKind, typer.Option(help="Run locally in processes, or as Ray tasks.")
+    ] = ExecutorKind.local,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    output_format: Annotated[
+        ReportFormat, typer.Option("--format", "-f", help="Also print the headline as JSON.")
+    ] = ReportFormat.html,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Log lines instead of a live display.")
+    ] = False,
+) -> None:
+    """Reproduce the paper's findings: data- and width-scaling sweeps, then the report."""
+    import json
+
+    from ntklens.reproduce import protocol
+
+    protocol(dataset, scale.value)  # validate before importing the heavy parts
+    from ntklens.reproduce import reproduce as run_reproduction
+    from ntklens.sweep import make_progress
+
+    result = run_reproduction(
+        dataset,
+        scale.value,
+        out or Path("results") / f"{dataset}-{scale.value}",
+        executor=executor.value,
+        workers=workers,
+        address=address,
+        progress=make_progress(quiet=quiet),
+    )
+    if output_format is ReportFormat.json:
+        typer.echo(json.dumps(result.headline, indent=2))
+    typer.echo(f"report: {result.report}\nsummary: {result.summary_json}\nstore: {result.store}")
+    if any(sweep.n_failed for sweep in result.sweeps.values()):
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 def _saved_model_kernel(
