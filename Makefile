@@ -12,7 +12,7 @@ install: .installed
 	touch .installed
 
 demo: .installed
-	$(PYTHON) -m ntklens.cli reproduce fashion-mnist --scale quick --out $(OUT)
+	$(PYTHON) -m ntklens reproduce fashion-mnist --scale quick --out $(OUT)
 
 test: .installed
 	$(PYTHON) -m pytest -m "not slow" -q

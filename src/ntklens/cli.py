@@ -343,9 +343,13 @@ def reproduce(
         address=address,
         progress=make_progress(quiet=quiet),
     )
-    if output_format is ReportFormat.json:
+    as_json = output_format is ReportFormat.json
+    if as_json:
         typer.echo(json.dumps(result.headline, indent=2))
-    typer.echo(f"report: {result.report}\nsummary: {result.summary_json}\nstore: {result.store}")
+    typer.echo(
+        f"report: {result.report}\nsummary: {result.summary_json}\nstore: {result.store}",
+        err=as_json,
+    )
     if any(sweep.n_failed for sweep in result.sweeps.values()):
         raise typer.Exit(EXIT_RUN_FAILED)
 
