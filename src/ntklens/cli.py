@@ -332,7 +332,6 @@ def reproduce(
 
     protocol(dataset, scale.value)  # validate before importing the heavy parts
     from ntklens.reproduce import reproduce as run_reproduction
-    from ntklens.sweep import make_progress
 
     result = run_reproduction(
         dataset,
@@ -341,7 +340,7 @@ def reproduce(
         executor=executor.value,
         workers=workers,
         address=address,
-        progress=make_progress(quiet=quiet),
+        quiet=quiet,
     )
     as_json = output_format is ReportFormat.json
     if as_json:

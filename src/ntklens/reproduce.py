@@ -19,7 +19,7 @@ from ntklens.errors import ConfigError
 from ntklens.report import build_report, write_json
 from ntklens.sweep.config import StudyConfig, load_config
 from ntklens.sweep.driver import SweepSummary, run_sweep
-from ntklens.sweep.progress import SweepProgress
+from ntklens.sweep.progress import make_progress
 
 SCALES = ("quick", "full")
 
@@ -63,11 +63,12 @@ def reproduce(
     executor: str = "local",
     workers: int | None = None,
     address: str | None = None,
-    progress: SweepProgress | None = None,
+    quiet: bool = False,
 ) -> Reproduction:
     """Run a protocol's sweeps into ``out/store`` (resumable), then write the report.
 
-    The report (``out/report.html``, ``out/figures/``) and ``out/summary.json`` come from
+    Each sweep gets its own progress display (log lines when ``quiet``). The report
+    (``out/report.html``, ``out/figures/``) and ``out/summary.json`` come from
     :func:`ntklens.report.build_report`; the headline numbers are picked out of the summary.
     """
     studies = protocol(dataset, scale)
@@ -75,7 +76,12 @@ def reproduce(
     store = out / "store"
     sweeps = {
         study.name: run_sweep(
-            study, store, executor=executor, workers=workers, address=address, progress=progress
+            study,
+            store,
+            executor=executor,
+            workers=workers,
+            address=address,
+            progress=make_progress(quiet=quiet),
         )
         for study in studies
     }
