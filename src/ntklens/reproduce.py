@@ -116,10 +116,10 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
             }
         entry["exponent_comparison"] = summary.get("exponent_comparison", {}).get(family)
         entry["kernel_directions"] = {
-            axis: summary.get("kernel_directions", {}).get(axis, {}).get(family)
+            axis: _fitted_groups(summary.get("kernel_directions", {}).get(axis, {}).get(family))
             for axis in ("data", "width")
         }
-        entry["transition_width"] = summary.get("transition", {}).get(family)
+        entry["transition_width"] = _fitted_groups(summary.get("transition", {}).get(family))
         result[family] = entry
     return result
 
@@ -133,4 +133,15 @@ def _exponent(fit: Any) -> dict[str, Any] | None:
         "ci": fit["ci"]["alpha"],
         "r2": fit.get("r2"),
         "n_points": fit.get("n_points"),
+    }
+
+
+def _fitted_groups(groups: Any) -> dict[str, Any]:
+    """The groups of a summary section that hold results, without skipped or empty ones."""
+    if not isinstance(groups, dict):
+        return {}
+    return {
+        name: value
+        for name, value in groups.items()
+        if isinstance(value, dict) and value and "skipped" not in value
     }
