@@ -12,15 +12,16 @@ the GFLOP/s that ``layerwise`` achieves, and can time a trace kernel on 10,000 i
     python benchmarks/ntk_speed.py --quick         # the configurations of the acceptance
     python benchmarks/ntk_speed.py --only cnn mlp512 --repeats 5
 
-Timing: sizes N/2^k (from 8 up) run first as warm-up and to extrapolate the time for N
-(fit a·n + b·n²); a baseline whose estimate exceeds --limit seconds, or one of ntklens'
-explicit methods over --method-limit ("auto" always runs), is skipped and said so.
+Timing: sizes 8, 16, 32, … up to N/4 run first as warm-up and to extrapolate the time at N
+(fit a·n + b·n²; or, as soon as linear scaling of one size alone is over the limit, that
+scaling, marked *); a baseline whose estimate exceeds --limit seconds, or one of
+ntklens' explicit methods over --method-limit ("auto" always runs), is skipped and said so.
 Otherwise a warm-up at N (when under 10 s) and --repeats timed runs (at least 7 when under
-5 s) follow, all in this process. Peak memory: one more run in a fresh subprocess, as the
-rise of its resident set's high-water mark (reset through /proc/self/clear_refs after
-imports, data and model) over the resident set just before the run. Reference: ntklens
-layerwise in float64 (checked against an explicit Jacobian in tests/test_kernel.py) on
-the first 256 samples.
+5 s) follow, all in this process, the methods taking turns round by round. Peak memory:
+one more run in a fresh subprocess, as the rise of its resident set's high-water mark
+(reset through /proc/self/clear_refs after imports, data and model) over the resident set
+just before the run. Reference: ntklens layerwise in float64 (checked against an explicit
+Jacobian in tests/test_kernel.py) on the first 256 samples.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 import ntklens
 from ntklens.data import load_dataset, preprocess
-from ntklens.kernel.functional import eval_mode, probe_model
+from ntklens.kernel.functional import eval_mode
 from ntklens.kernel.layerwise import LayerwisePlan
 
 BASELINE_MEMORY = 4 * 2**30  # bytes of Jacobians / vjps a baseline tile may hold
@@ -216,15 +217,19 @@ class Row:
     method: str
     seconds: float | None = None
     estimate: float | None = None
+    linear_only: bool = False
     peak_bytes: float | None = None
     deviation: float | None = None
     note: str = ""
 
 
-def extrapolate(model: nn.Module, x: Tensor, output: str, fn: Callable, limit: float) -> float:
+def extrapolate(
+    model: nn.Module, x: Tensor, output: str, fn: Callable, limit: float
+) -> tuple[float, int | None]:
     """Estimated seconds at len(x), from doubling sizes that also warm the code up.
 
-    Stops as soon as even linear scaling of the last size exceeds ``limit``.
+    Fits a·n + b·n² to the last two sizes. Stops early, returning linear scaling of the
+    last size and that size, as soon as that scaling alone exceeds ``limit``.
     """
     points: list[tuple[int, float]] = []
     n = 8
@@ -233,30 +238,43 @@ def extrapolate(model: nn.Module, x: Tensor, output: str, fn: Callable, limit: f
         fn(model, x[:n], output)
         points.append((n, time.perf_counter() - start))
         if points[-1][1] * len(x) / n > limit:
-            break
+            return points[-1][1] * len(x) / n, n
         n *= 2
     if len(points) == 1:
         (n1, t1) = points[0]
-        return t1 * (len(x) / n1) ** 2
+        return t1 * len(x) / n1, n1
     (n1, t1), (n2, t2) = points[-2:]
     quadratic = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))
     linear = max(0.0, t2 / n2 - quadratic * n2)
-    return linear * len(x) + quadratic * len(x) ** 2
+    return linear * len(x) + quadratic * len(x) ** 2, None
 
 
-def time_runs(
-    model: nn.Module, x: Tensor, output: str, fn: Callable, repeats: int, estimate: float
-):
-    """Median seconds of ``repeats`` runs (at least 7 when short, to damp the noise of a
-    shared machine), after a warm-up at full size when short."""
-    if estimate < 10:
-        fn(model, x, output)
-    times, result = [], None
-    for _ in range(repeats if estimate > 5 else max(repeats, 7)):
-        start = time.perf_counter()
-        result = fn(model, x, output)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def time_interleaved(
+    model: nn.Module, x: Tensor, output: str, rows: list[Row], repeats: int
+) -> dict[str, Tensor]:
+    """Median seconds of each row's method, timed in rounds that take turns.
+
+    A shared machine's load comes in bursts; taking turns exposes every method to the
+    same bursts. Methods estimated under 10 s get a warm-up run first; those under 5 s
+    run at least 7 times, the others ``repeats`` times. Returns each method's last kernel.
+    """
+    for row in rows:
+        if row.estimate < 10:
+            METHODS[row.method](model, x, output)
+    wanted = {row.method: repeats if row.estimate > 5 else max(repeats, 7) for row in rows}
+    times: dict[str, list[float]] = {row.method: [] for row in rows}
+    kernels: dict[str, Tensor] = {}
+    while any(len(times[m]) < n for m, n in wanted.items()):
+        for row in rows:
+            if len(times[row.method]) < wanted[row.method]:
+                start = time.perf_counter()
+                kernels[row.method] = METHODS[row.method](model, x, output)
+                times[row.method].append(time.perf_counter() - start)
+                if row.method == "auto":
+                    row.note = f"chose {CHOICES.methods[-1]}"
+    for row in rows:
+        row.seconds = statistics.median(times[row.method])
+    return kernels
 
 
 def peak_in_subprocess(config: Config, method: str, budget: str | None = None) -> dict:
@@ -320,10 +338,9 @@ def layerwise_flops(model: nn.Module, x: Tensor, output: str) -> float:
     """FLOPs of the layerwise method by its analytic cost model, each sample pair once."""
     full = output == "full"
     with eval_mode(model):
-        probe = probe_model(model, x)
-        plan = LayerwisePlan.probe(model, x, probe, len(x) / 2, full)
+        plan, probe = LayerwisePlan.probe(model, x, len(x) / 2, full)
         cost = plan.cost(probe)
-    return len(x) * cost.feature_flops + len(x) * (len(x) + 1) / 2 * cost.pair_flops
+    return cost.flops(len(x), len(x) * (len(x) + 1) / 2)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -370,32 +387,29 @@ def run_config(
         method="layerwise",
         dtype=torch.float64,
     )
-    rows = []
-    for method in config.methods:
-        fn = METHODS[method]
-        row = Row(config, method)
-        limit = limits[0] if method in BASELINES else limits[1]
-        if method == "auto":
+    rows = [Row(config, method) for method in config.methods]
+    for row in rows:
+        limit = limits[0] if row.method in BASELINES else limits[1]
+        if row.method == "auto":
             limit = math.inf
-        row.estimate = extrapolate(model, x, config.output, fn, limit)
+        fn = METHODS[row.method]
+        row.estimate, scaled_from = extrapolate(model, x, config.output, fn, limit)
+        row.linear_only = scaled_from is not None
         if row.estimate > limit:
-            row.note = f"skipped: estimated {row.estimate:.0f} s > {limit:.0f} s"
-        else:
-            row.seconds, kernel = time_runs(model, x, config.output, fn, repeats, row.estimate)
-            row.deviation = relative_deviation(kernel, reference)
-            if method == "auto":
-                row.note = f"chose {CHOICES.methods[-1]}"
-            row.peak_bytes = peak_in_subprocess(config, method)["peak_bytes"]
-            del kernel
-        if method in BASELINES:
-            tiled = (
-                "tutorial code on tile pairs"
-                if row.config.n > _baseline_tile(method, model)
-                else ""
-            )
-            row.note = "; ".join(filter(None, [row.note, tiled]))
-        console.log(f"{config} {method}: {row.seconds or row.estimate:.2f} s {row.note}")
-        rows.append(row)
+            how = f"n={scaled_from} scaled linearly gives" if scaled_from else "estimated"
+            row.note = f"skipped: {how} {row.estimate:.0f} s > {limit:.0f} s"
+    timed = [row for row in rows if not row.note]
+    kernels = time_interleaved(model, x, config.output, timed, repeats)
+    for row in timed:
+        row.deviation = relative_deviation(kernels.pop(row.method), reference)
+        row.peak_bytes = peak_in_subprocess(config, row.method)["peak_bytes"]
+    for row in rows:
+        if row.method in BASELINES and config.n > _baseline_tile(row.method, model):
+            row.note = "; ".join(filter(None, [row.note, "tutorial code on tile pairs"]))
+        console.log(
+            f"{config.model} N={config.n} {config.output} {row.method}: "
+            f"{row.seconds or row.estimate:.2f} s {row.note}"
+        )
     return rows
 
 
@@ -429,18 +443,19 @@ def print_table(rows: list[Row], console: Console) -> None:
         table.add_column(column, justify="right" if column not in ("method", "note") else "left")
     for row in rows:
         same = [r for r in rows if r.config == row.config and r.method in BASELINES]
-        fastest = min((r.seconds or r.estimate for r in same), default=None)
+        fastest = min(same, key=lambda r: r.seconds or r.estimate, default=None)
         mine = row.seconds
         speedup = ""
         if fastest is not None and mine is not None and row.method not in BASELINES:
-            measured = any(r.seconds is not None and r.seconds == fastest for r in same)
-            speedup = f"{fastest / mine:.1f}" + ("" if measured else " (vs est.)")
+            base = fastest.seconds or fastest.estimate
+            kind = "" if fastest.seconds else " (vs lin.)" if fastest.linear_only else " (vs est.)"
+            speedup = f"{base / mine:.1f}{kind}"
         table.add_row(
             row.config.model,
             str(row.config.n),
             row.config.output,
             row.method,
-            f"{mine:.3f}" if mine is not None else f"~{row.estimate:.0f}",
+            f"{mine:.3f}" if mine is not None else f"~{row.estimate:.0f}" + "*" * row.linear_only,
             speedup,
             f"{row.peak_bytes / 2**20:.0f}" if row.peak_bytes is not None else "",
             f"{row.deviation:.1e}" if row.deviation is not None else "",

@@ -7,6 +7,7 @@ float64 model, one sample at a time, independently of the code under test.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 import ntklens
 from ntklens.errors import NtkLensError
 from ntklens.kernel import api
-from ntklens.kernel.functional import eval_mode, probe_model
+from ntklens.kernel.functional import eval_mode
 from ntklens.kernel.layerwise import LayerwisePlan
 from ntklens.kernel.products import ntk_matvec
 from ntklens.kernel.tiling import TilePlan, plan_tiles
@@ -238,7 +239,7 @@ def test_diagonal_tiles_split_into_sub_blocks_match() -> None:
     """Enough samples that a diagonal tile is contracted as upper sub-blocks only."""
     torch.manual_seed(0)
     model = mlp().double()
-    x = torch.randn(70, 5, dtype=torch.float64)
+    x = torch.randn(520, 5, dtype=torch.float64)
     for output in ("full", "trace"):
         expected = reference_kernel(model, x, None, output)
         for method in ("layerwise", "jacobian"):
@@ -277,8 +278,7 @@ def test_layerwise_covers_linear_layers_and_falls_back_for_the_rest(
     model = build().double()
     x = torch.randn(4, *shape, dtype=torch.float64)
     with eval_mode(model):
-        probe = probe_model(model, x)
-        plan = LayerwisePlan.probe(model, x, probe, n_pairs=2.0, full=True)
+        plan, _ = LayerwisePlan.probe(model, x, n_pairs=2.0, full=True)
     assert {g.weight for g in plan.groups if g.mode == "gram"} == gram_weights
     assert set(plan.fallback) == fallback
     shared = [g for g in plan.groups if g.weight == "shared.weight"]
@@ -325,3 +325,54 @@ def test_runs_on_the_models_cuda_device(method: str) -> None:
     kernel = ntklens.ntk(model.cuda(), x, method=method)
     assert kernel.device.type == "cuda"
     assert_close(kernel.cpu(), expected)
+
+
+def small_image_cnn() -> nn.Module:
+    """The benchmark's CNN shape (conv 1→16→16, 3×3, dense head) on 10×10 images."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 10),
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"), [(mlp, (5,)), (TwiceLinear, (5,)), (small_image_cnn, (1, 10, 10))]
+)
+@pytest.mark.parametrize("output", ["full", "trace"])
+def test_auto_picks_layerwise_for_linear_and_conv_models(
+    build: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    output: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, *shape)
+    with caplog.at_level(logging.INFO, logger="ntklens.kernel.api"):
+        ntklens.ntk(build(), x, output=output)
+    assert caplog.records[-1].args[0] == "layerwise"
+
+
+class TokenModel(nn.Module):
+    """An embedding of integer tokens (a non-Linear parameter), mixed by a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(tokens))).sum(dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_embedding_of_integer_inputs_matches(method: str) -> None:
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    tokens = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
+    kernel = ntklens.ntk(model, tokens, other, method=method)
+    assert_close(kernel, reference_kernel(model, tokens, other, "full"))

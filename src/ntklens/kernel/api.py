@@ -21,7 +21,6 @@ from ntklens.kernel.functional import (
     ModelProbe,
     eval_mode,
     model_device,
-    probe_model,
     trainable_parameters,
 )
 from ntklens.kernel.jacobian import jacobian_cost, jacobian_kernel
@@ -84,12 +83,13 @@ def ntk(
         device = model_device(net)
         x1 = _to(x1, device, param_dtype)
         x2 = None if x2 is None else _to(x2, device, param_dtype)
-        probe = probe_model(net, x1)
         n2 = None if x2 is None else len(x2)
+        pairs_per_sample = (n2 or len(x1) / 2) * len(x1) / (len(x1) + (n2 or 0))
+        plan, probe = LayerwisePlan.probe(net, x1, pairs_per_sample, full)
         layout = Layout(full, probe.n_outputs)
         output_bytes = len(x1) * (n2 or len(x1)) * probe.element_size
         output_bytes *= probe.n_outputs**2 if full else 1
-        candidates = _candidates(net, x1, n2, probe, full, method)
+        candidates = _candidates(net, plan, probe, full, method)
         choice = _cheapest(candidates, len(x1), n2, output_bytes, budget)
         _log.info("method %s, %s", choice.name, choice.plan)
         return choice.kernel().assemble(x1, x2, choice.plan, layout)
@@ -118,14 +118,12 @@ class _Candidate:
 
 
 def _candidates(
-    net: nn.Module, x1: Tensor, n2: int | None, probe: ModelProbe, full: bool, method: str
+    net: nn.Module, plan: LayerwisePlan, probe: ModelProbe, full: bool, method: str
 ) -> list[_Candidate]:
     """The methods to consider: the one asked for, or all of them for "auto"."""
     k = probe.n_outputs
     candidates = []
     if method in ("auto", "layerwise"):
-        pairs_per_sample = (n2 or len(x1) / 2) * len(x1) / (len(x1) + (n2 or 0))
-        plan = LayerwisePlan.probe(net, x1, probe, pairs_per_sample, full)
         candidates.append(_Candidate("layerwise", plan.cost(probe), lambda: plan.kernel(net)))
     if method in ("auto", "jacobian"):
         cost = jacobian_cost(probe, probe.n_params, full)

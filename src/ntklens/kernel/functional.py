@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +107,22 @@ class _ActivationCounter(TorchFunctionMode):
         return out
 
 
-def probe_model(model: nn.Module, x: Tensor, n_samples: int = 2) -> ModelProbe:
-    """Forward FLOPs, activation bytes and output count per sample of ``model`` on ``x``."""
+def probe_model(
+    model: nn.Module, x: Tensor, also: TorchFunctionMode | None = None, n_samples: int = 2
+) -> ModelProbe:
+    """Forward FLOPs, activation bytes and output count per sample of ``model`` on ``x``.
+
+    ``also``: another mode to observe the same forward pass (which runs with autograd on,
+    as in a real computation).
+    """
     batch = x[:n_samples]
     counter = _ActivationCounter()
-    with torch.no_grad(), FlopCounterMode(display=False) as flops, counter:
+    with (
+        torch.enable_grad(),
+        FlopCounterMode(display=False) as flops,
+        counter,
+        also if also is not None else nullcontext(),
+    ):
         out = model(batch)
     params = trainable_parameters(model)
     element_size = next(iter(params.values())).element_size()

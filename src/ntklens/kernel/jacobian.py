@@ -18,19 +18,27 @@ from ntklens.kernel.functional import ModelProbe, detached, single_sample_fn, tr
 from ntklens.kernel.tiling import Cost, Footprint, TiledKernel
 
 
-def per_sample_jacobians(model: nn.Module, names: Iterable[str], x: Tensor) -> list[Tensor]:
-    """∂f(x_i)/∂θ_p for the parameters ``names``: one (T, K, numel) tensor per parameter.
+def per_sample_jacobians(model: nn.Module, names: Iterable[str], x: Tensor) -> Tensor:
+    """∂f_a(x_i)/∂θ for the parameters ``names``, flattened and concatenated: (T, K, P).
 
-    The other parameters are held constant.
+    The other parameters are held constant. Differentiating one flat vector, whose
+    pieces are viewed as the parameters, gives the Jacobian in one tensor.
     """
     params = detached(trainable_parameters(model))
     wanted = set(names)
-    diff = {name: p for name, p in params.items() if name in wanted}
+    diff = [name for name in params if name in wanted]
     constants = {name: p for name, p in params.items() if name not in wanted}
+    shapes = [params[name].shape for name in diff]
+    sizes = [params[name].numel() for name in diff]
+    flat = torch.cat([params[name].reshape(-1) for name in diff])
     f = single_sample_fn(model, constants)
+
+    def f_flat(theta: Tensor, sample: Tensor) -> Tensor:
+        pieces = theta.split(sizes)
+        return f({n: p.view(s) for n, p, s in zip(diff, pieces, shapes, strict=True)}, sample)
+
     with torch.no_grad():
-        jac = vmap(jacrev(f), in_dims=(None, 0))(diff, x)
-    return [j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()]
+        return vmap(jacrev(f_flat), in_dims=(None, 0))(flat, x)
 
 
 def add_jacobian_product(block: Tensor, j1: Tensor, j2: Tensor) -> None:
@@ -55,18 +63,21 @@ def empty_block(like: Tensor, t1: int, t2: int, k: int, full: bool) -> Tensor:
 def jacobian_cost(probe: ModelProbe, n_params: int, full: bool) -> Cost:
     """Work and memory of per-sample Jacobians of ``n_params`` parameters and their products.
 
-    One forward and K backward passes (about 2 forwards each) per sample; K·P entries kept
-    per sample; the batched backward holds K copies of the activations.
+    One forward and K backward passes (about 2 forwards each) per sample, K·P entries kept
+    per sample, K copies of the activations and a copy of θ in the batched backward; per
+    sample pair a
+    product over K·P entries (times K more outputs for the full kernel).
     """
     k, size = probe.n_outputs, probe.element_size
-    k_pair = k * k if full else 1
+    block_entries = k * k if full else 1
     footprint = Footprint(
         feature=k * n_params * size,
-        work=k * (probe.activation_bytes + n_params * size),
-        pair=k_pair * size,
+        work=k * probe.activation_bytes + n_params * size,
+        pair=block_entries * size,
     )
     feature_flops = (1 + 2 * k) * probe.forward_flops
-    return Cost(feature_flops, 2 * k_pair * n_params, footprint)
+    pair_flops = 2 * (k * k if full else k) * n_params
+    return Cost(feature_flops, pair_flops, footprint)
 
 
 def jacobian_kernel(model: nn.Module, n_outputs: int, full: bool) -> TiledKernel[list[Tensor]]:
@@ -80,4 +91,4 @@ def jacobian_kernel(model: nn.Module, n_outputs: int, full: bool) -> TiledKernel
                 add_jacobian_product(block, j1, j2)
         return block
 
-    return TiledKernel(lambda x: per_sample_jacobians(model, names, x), contract)
+    return TiledKernel(lambda x: [per_sample_jacobians(model, names, x)], contract)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ntklens.kernel.functional import ModelProbe, trainable_parameters
+from ntklens.kernel.functional import ModelProbe, probe_model, trainable_parameters
 from ntklens.kernel.jacobian import (
     add_jacobian_product,
     empty_block,
@@ -211,18 +211,17 @@ class LayerwisePlan:
 
     @classmethod
     def probe(
-        cls, model: nn.Module, x: Tensor, probe: ModelProbe, n_pairs: float, full: bool
-    ) -> LayerwisePlan:
+        cls, model: nn.Module, x: Tensor, n_pairs: float, full: bool
+    ) -> tuple[LayerwisePlan, ModelProbe]:
         """Record the model's calls on ``x[:2]`` and choose a mode per parameter group.
 
         ``n_pairs`` (sample pairs per sample featurized) weighs per-sample work against
-        per-pair work in that choice.
+        per-pair work in that choice. The same forward pass measures the model's
+        per-sample costs, returned with the plan.
         """
         params = trainable_parameters(model)
-        batch = x[:2]
-        recorder = _Recorder(params, len(batch))
-        with torch.enable_grad(), recorder:
-            model(batch)
+        recorder = _Recorder(params, len(x[:2]))
+        probe = probe_model(model, x[:2], also=recorder)
         weight_calls: dict[str, list[_Call]] = defaultdict(list)
         bias_calls: dict[str, list[_Call]] = defaultdict(list)
         for call in recorder.calls:
@@ -256,16 +255,17 @@ class LayerwisePlan:
             groups.append(_Group(None, bias, "grads", 1, 1, 1, params[bias].numel()))
         covered = {name for g in groups for name in (g.weight, g.bias) if name is not None}
         fallback = [name for name in params if name not in covered]
-        return cls(groups, fallback, k, full, params)
+        return cls(groups, fallback, k, full, params), probe
 
     def cost(self, probe: ModelProbe) -> Cost:
         """Work and memory: capture passes, Gram or gradient features, fallback Jacobians."""
         k, size = self.n_outputs, probe.element_size
-        feature_flops = (1 + 2 * k) * probe.forward_flops if self.groups else 0.0
-        pair_flops = feature = work = largest_pair = 0.0
+        # a forward pass and K backward passes that skip weight gradients
+        feature_flops = (1 + k) * probe.forward_flops if self.groups else 0.0
+        matmul_flops = pair_flops = feature = work = largest_pair = 0.0
         for g in self.groups:
             f_flops, p_flops, f_elems, p_elems = _group_costs(g, k, self.full)
-            feature_flops += f_flops
+            matmul_flops += f_flops
             pair_flops += p_flops
             feature += f_elems * size
             work += g.n_groups * g.positions * (g.in_dim + k * g.out_dim) * size
@@ -281,16 +281,17 @@ class LayerwisePlan:
             work += jac.footprint.work
         k_pair = k * k if self.full else 1
         footprint = Footprint(feature, work, 2 * k_pair * size + largest_pair)
-        return Cost(feature_flops, pair_flops, footprint)
+        return Cost(feature_flops, pair_flops, footprint, matmul_flops)
 
     def kernel(self, model: nn.Module) -> TiledKernel[list[Tensor | GramFeatures]]:
         """The tiled kernel: features per tile, contracted group by group."""
         return TiledKernel(lambda x: self.features(model, x), self.contract)
 
     def features(self, model: nn.Module, x: Tensor) -> list[Tensor | GramFeatures]:
-        """Per group, Gram features or per-sample gradients (T, K, P); then the fallback
-        parameters' per-sample Jacobians."""
-        features: list[Tensor | GramFeatures] = []
+        """Gram features per "gram" group, then one (T, K, P) tensor of all per-sample
+        gradients: of "grads" groups, biases alone and fallback parameters."""
+        grams: list[Tensor | GramFeatures] = []
+        gradients: list[Tensor] = []
         if self.groups:
             calls, cotangents = self._capture(model, x)
             t, k = len(x), self.n_outputs
@@ -298,16 +299,16 @@ class LayerwisePlan:
                 used = group.calls(calls)
                 g = _concat([cotangents[id(c)] for c in used])
                 if group.weight is None:
-                    features.append(g.sum(dim=-1).reshape(t, k, -1))
+                    gradients.append(g.sum(dim=-1).reshape(t, k, -1))
                     continue
                 a = _concat([c.inputs for c in used if c.inputs is not None])
                 if group.mode == "gram":
-                    features.append(GramFeatures(a, g, bias=group.bias is not None))
-                    continue
-                features.append(_weight_grads(g, a))
+                    grams.append(GramFeatures(a, g, bias=group.bias is not None))
+                else:
+                    gradients.append(_weight_grads(g, a))
         if self.fallback:
-            features.extend(per_sample_jacobians(model, self.fallback, x))
-        return features
+            gradients.append(per_sample_jacobians(model, self.fallback, x))
+        return grams + ([_concat(gradients, dim=2)] if gradients else [])
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[_Call], dict[int, Tensor]]:
         """One forward pass recording calls, then the cotangents of all K outputs at once."""
@@ -354,9 +355,9 @@ def _weight_grads(cotangents: Tensor, inputs: Tensor) -> Tensor:
     return torch.einsum("tkgcl,tgdl->tkgcd", cotangents, inputs).reshape(t, k, -1)
 
 
-def _concat(parts: list[Tensor]) -> Tensor:
-    """Positions of several calls side by side (the last dimension)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+def _concat(parts: list[Tensor], dim: int = -1) -> Tensor:
+    """Positions of several calls (or gradients of several groups) side by side."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None:

@@ -41,7 +41,7 @@ _MIN_CACHED_TILE = 64
 #: A diagonal tile is split this many ways so that only its upper sub-blocks are computed,
 #: once it has at least _MIN_SPLIT_ROWS samples.
 _DIAGONAL_SPLIT = 4
-_MIN_SPLIT_ROWS = 64
+_MIN_SPLIT_ROWS = 512
 
 
 def parse_memory(budget: int | str) -> int:
@@ -255,12 +255,18 @@ class Cost:
     (contraction), and its memory :class:`Footprint`.
 
     ``feature_flops`` counts autograd work, which runs well below matmul speed; it is
-    weighted by :data:`AUTOGRAD_SLOWDOWN` when methods are compared.
+    weighted by :data:`AUTOGRAD_SLOWDOWN` when methods are compared. ``matmul_flops`` is
+    per-sample work done by plain matmuls.
     """
 
     feature_flops: float
     pair_flops: float
     footprint: Footprint
+    matmul_flops: float = 0.0
+
+    def flops(self, n_featurized: float, n_pairs: float) -> float:
+        """FLOPs, unweighted, for featurizing and contracting that many samples and pairs."""
+        return n_featurized * (self.feature_flops + self.matmul_flops) + n_pairs * self.pair_flops
 
     def total_flops(self, n1: int, n2: int | None, plan: TilePlan) -> float:
         """Matmul-equivalent FLOPs for the kernel of n1 by n2 samples (n2 None: symmetric).
@@ -274,7 +280,8 @@ class Cost:
         else:
             n_pairs = n1 * n2
             n_featurized = n1 + n2 * (1 if plan.cache else n_rows)
-        return AUTOGRAD_SLOWDOWN * n_featurized * self.feature_flops + n_pairs * self.pair_flops
+        autograd = AUTOGRAD_SLOWDOWN * n_featurized * self.feature_flops
+        return autograd + n_featurized * self.matmul_flops + n_pairs * self.pair_flops
 
 
 #: How much slower per FLOP autograd passes run than one large matmul (a rough ratio).
