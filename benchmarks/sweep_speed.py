@@ -100,7 +100,7 @@ def main() -> None:
         threads = args.threads_per_worker or max(1, available_cores() // workers)
         timings[workers] = timed_sweep(specs, workers, args.threads_per_worker or None, args.quiet)
         print(
-            f"{workers} worker(s) × {threads} torch thread(s): {args.runs} runs in "
+            f"{workers} worker(s) × {threads} thread(s): {args.runs} runs in "
             f"{timings[workers]:.1f} s",
             flush=True,
         )

@@ -23,8 +23,9 @@ RAISING_WIDTH = 7
 
 
 def thread_reporting_task(spec: RunSpec) -> RunResult:
-    """Records the torch thread count it ran with and the worker's pid."""
+    """Records the torch and BLAS thread counts it ran with and the worker's pid."""
     import torch
+    from threadpoolctl import threadpool_info
 
     if spec.width == RAISING_WIDTH:
         raise ValueError("width 7 is unlucky\nsecond line")
@@ -32,9 +33,14 @@ def thread_reporting_task(spec: RunSpec) -> RunResult:
         os._exit(3)  # a worker that dies, as if killed or out of memory
     records = pd.DataFrame(
         {
-            "step": [0, 0, 0],
-            "quantity": ["threads", "pid", "width_squared"],
-            "value": [float(torch.get_num_threads()), float(os.getpid()), float(spec.width**2)],
+            "step": [0, 0, 0, 0],
+            "quantity": ["threads", "blas_threads", "pid", "width_squared"],
+            "value": [
+                float(torch.get_num_threads()),
+                float(max(pool["num_threads"] for pool in threadpool_info())),
+                float(os.getpid()),
+                float(spec.width**2),
+            ],
         }
     )
     return RunResult(spec=spec, run_id=spec.run_id, status="ok", records=records)
@@ -66,6 +72,7 @@ def test_local_executor_runs_each_spec_once_on_the_given_threads(tmp_path: Path)
     store = ntklens.store.open(tmp_path)
     assert values(store, "width_squared") == {w: float(w**2) for w in (1, 2, 4, 5)}
     assert set(values(store, "threads").values()) == {1.0}
+    assert set(values(store, "blas_threads").values()) == {1.0}  # numpy/scipy pools too
     pids = set(values(store, "pid").values())
     assert 1 <= len(pids) <= 2 and os.getpid() not in pids
     runs = store.runs().set_index("width")

@@ -5,8 +5,9 @@ An executor is a context manager; inside it, :meth:`Executor.results` yields one
 result carrying the exception's one-line message, so one bad run never stops a sweep.
 Executors never write the store: the driver process does, one result at a time.
 
-Every run sets its torch thread count explicitly, because the thread count can change the
-order of float sums; the same thread count gives the same records on either executor.
+Every run sets its thread count (torch, BLAS, OpenMP) explicitly, because the thread count
+can change the order of float sums; the same thread count gives the same records on either
+executor.
 """
 
 from __future__ import annotations
@@ -39,13 +40,20 @@ def train_task(spec: RunSpec) -> RunResult:
 
 
 def execute_run(spec: RunSpec, task: RunTask, threads: int) -> RunResult:
-    """Run ``task(spec)`` on ``threads`` torch threads; an exception becomes a failed result."""
+    """Run ``task(spec)`` on ``threads`` threads; an exception becomes a failed result.
+
+    The limit covers torch and the BLAS and OpenMP pools of numpy and scipy too: left at
+    their default (every core), each worker's scipy solves would oversubscribe the cores
+    that the other workers are using.
+    """
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
     try:
-        return task(spec)
+        with threadpool_limits(limits=threads):
+            return task(spec)
     except Exception as error:
         return failed_result(spec, one_line(error), time.perf_counter() - start)
 
@@ -106,7 +114,7 @@ def _execute_in_worker(spec: RunSpec, task: RunTask, threads: int) -> RunResult:
 class LocalExecutor(Executor):
     """A pool of ``workers`` spawned processes on this machine, the default executor.
 
-    ``workers`` defaults to the available cores, and each worker runs torch on
+    ``workers`` defaults to the available cores, and each worker runs torch and BLAS on
     ``threads_per_worker`` threads (default: cores // workers, at least 1). Even
     ``workers=1`` uses one worker process, so a run behaves the same whatever the count.
     Workers announce each run they start; if a worker process dies (killed, out of memory)
@@ -226,7 +234,7 @@ class RayExecutor(Executor):
 
     Connects to the cluster at ``address`` (e.g. ``"auto"`` or ``"ray://host:10001"``), or
     starts a local Ray instance when ``address`` is None; an already initialized Ray is used
-    as it is. Each task asks for ``threads_per_task`` CPUs and runs torch on that many
+    as it is. Each task asks for ``threads_per_task`` CPUs and runs torch and BLAS on that many
     threads. A task whose worker is lost is retried up to ``max_retries`` times by Ray.
     Every node needs ntklens installed and the dataset readable.
     """
