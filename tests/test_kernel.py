@@ -20,7 +20,7 @@ from ntklens.kernel import api
 from ntklens.kernel.functional import eval_mode
 from ntklens.kernel.layerwise import LayerwisePlan
 from ntklens.kernel.products import ntk_matvec
-from ntklens.kernel.tiling import TilePlan, plan_tiles
+from ntklens.kernel.tiling import Footprint, TilePlan, plan_tiles
 
 METHODS = ("jacobian", "vector-products", "layerwise", "auto")
 RTOL = 1e-10
@@ -218,6 +218,16 @@ def test_shrinking_budget_tiles_until_it_cannot(
     assert "\n" not in str(raised.value)
     assert min(plan.tile for plan in plans) == 1
     assert not all(plan.cache for plan in plans)
+
+
+def test_tile_plan_keeps_features_unless_that_shrinks_tiles_too_far() -> None:
+    """Closed-form budgets: peak = kept·feature + tile·work (pair and output 0 here)."""
+    cheap_features = Footprint(feature=100, work=10_000, pair=0)
+    # keeping all 1000 samples' features allows 60-sample tiles, recomputing allows 68
+    assert plan_tiles(1000, None, cheap_features, 0, 700_000) == TilePlan(60, cache=True)
+    costly_features = Footprint(feature=5_000, work=1_000, pair=0)
+    # keeping allows 30-sample tiles, recomputing 457: far more than twice as large
+    assert plan_tiles(1000, None, costly_features, 0, 5_030_000) == TilePlan(457, cache=False)
 
 
 def test_matvec_matches_explicit_kernel(case: dict) -> None:

@@ -36,8 +36,12 @@ _UNITS = {
 }
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
-#: Smallest tile worth keeping all features for; below it recomputing gives bigger tiles.
+#: Tiles this large always keep all features. Smaller ones, down to _SMALLEST_CACHED_TILE,
+#: still do while they are at least half the tile that recomputing would allow:
+#: recomputing featurizes every sample once per block, and featurizing (a forward and K
+#: backward passes) usually costs more than the extra, smaller contractions.
 _MIN_CACHED_TILE = 64
+_SMALLEST_CACHED_TILE = 16
 #: A diagonal tile is split this many ways so that only its upper sub-blocks are computed,
 #: once it has at least _MIN_SPLIT_ROWS samples.
 _DIAGONAL_SPLIT = 4
@@ -129,7 +133,8 @@ def plan_tiles(
     """The largest tiles whose peak memory, with the kernel itself, fits ``budget``.
 
     ``n2`` is None for the symmetric kernel of x1. Features of all samples are kept when
-    that still allows tiles of a reasonable size; otherwise they are recomputed per block.
+    that still allows tiles of a reasonable size (see ``_MIN_CACHED_TILE``); otherwise
+    they are recomputed per block.
     """
     n_all = n1 + (n2 or 0)
     n_max = max(n1, n2 or 0)
@@ -145,9 +150,11 @@ def plan_tiles(
         return low
 
     cached = largest(lambda _: n_all)
-    if cached >= min(n_max, _MIN_CACHED_TILE):
-        return TilePlan(cached, cache=True)
     streamed = largest(lambda tile: 2 * tile)
+    if cached >= min(n_max, _MIN_CACHED_TILE) or (
+        cached >= min(n_max, _SMALLEST_CACHED_TILE) and 2 * cached >= streamed
+    ):
+        return TilePlan(cached, cache=True)
     if streamed < 1:
         needed = output_bytes + footprint.peak(1, 2)
         raise budget_error(needed, budget, "the kernel itself plus one sample pair's work")
