@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ntklens.schema import RunSpec
 from ntklens.sweep import LocalExecutor, run_sweep
 from ntklens.sweep.executors import available_cores
 from ntklens.sweep.progress import LogProgress, SweepProgress
-from ntklens.train.spec import RunSpec
 
 
 def benchmark_specs(runs: int, steps: int, width: int) -> list[RunSpec]:

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 import ntklens.train.run as train_run
-from ntklens.train import RunSpec
+from ntklens.schema import RunSpec
 from ntklens.train.probes import Prober
 from ntklens.train.run import RunSetup, build_run_model, prepare, run
 

@@ -17,8 +17,8 @@ import ntklens.store
 from ntklens.cli import app
 from ntklens.data import load_dataset, preprocess, probe_indices
 from ntklens.models import build_model
+from ntklens.schema import RunResult, RunSpec, Spectrum
 from ntklens.sweep import load_config, plan
-from ntklens.train.spec import RunResult, RunSpec, Spectrum
 
 runner = CliRunner()
 

@@ -30,7 +30,7 @@ from ntklens.errors import NtkLensError
 from ntklens.report import FIGURES, ReportResult, build_report, write_json
 from ntklens.report.build import study_data
 from ntklens.report.figures import fit_label
-from ntklens.train.spec import RunResult, RunSpec, Spectrum
+from ntklens.schema import RunResult, RunSpec, Spectrum
 
 WIDTHS = (16, 32, 64, 128, 256)
 N_TRAINS = (100, 200, 400)

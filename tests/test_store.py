@@ -19,7 +19,7 @@ import pytest
 
 import ntklens.store
 from ntklens.errors import NtkLensError
-from ntklens.train.spec import RunResult, RunSpec, Spectrum
+from ntklens.schema import RunResult, RunSpec, Spectrum
 
 
 def make_result(

@@ -10,7 +10,7 @@ import pytest
 
 from ntklens.analysis import summarize
 from ntklens.errors import NtkLensError
-from ntklens.train.spec import RunSpec
+from ntklens.schema import RunSpec
 
 WIDTHS = (32, 64, 128, 256, 512, 1024)
 SIZES = (250, 500, 1000, 2000, 4000)

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 import ntklens.store
 from ntklens.cli import app
+from ntklens.schema import RunResult, RunSpec
 from ntklens.sweep import LocalExecutor, RayExecutor, load_config, plan, run_sweep
 from ntklens.sweep.executors import available_cores
 from ntklens.train.run import run
-from ntklens.train.spec import RunResult, RunSpec
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "ntklens"
 

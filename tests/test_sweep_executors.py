@@ -13,10 +13,10 @@ from rich.console import Console
 
 import ntklens.store
 from ntklens.errors import ConfigError, NtkLensError
+from ntklens.schema import RunResult, RunSpec
 from ntklens.sweep import Executor, LocalExecutor, SweepSummary, run_sweep
 from ntklens.sweep.executors import execute_run, make_executor
 from ntklens.sweep.progress import LiveProgress, LogProgress, make_progress
-from ntklens.train.spec import RunResult, RunSpec
 
 CRASHING_WIDTH = 13
 RAISING_WIDTH = 7

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ntklens.schema import RunSpec
 from ntklens.sweep import load_config, plan, plan_table
 from ntklens.sweep.planning import estimate_flops, model_cost
-from ntklens.train.spec import RunSpec
 
 STUDY = """
 name = "plan-test"

@@ -15,7 +15,7 @@ from torch import nn
 from ntklens.errors import DataError, DataNotFoundError, NtkLensError
 from ntklens.infinite import analytic_ntk
 from ntklens.observables import kernel_observables
-from ntklens.train import RunResult, RunSpec
+from ntklens.schema import RunResult, RunSpec
 from ntklens.train import probes as probes_module
 from ntklens.train.baselines import ridge_solve
 from ntklens.train.losses import cross_entropy_loss, mse_loss

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntklens.train import RunSpec
+from ntklens.schema import RunSpec
 from ntklens.train.run import run
 
 pytestmark = pytest.mark.slow

@@ -42,11 +42,9 @@ from ntklens.kernel.validation import (
     check_model,
     check_pair,
 )
+from ntklens.schema import KERNEL_METHODS, KERNEL_OUTPUTS, KernelMethod, KernelOutput
 
 _log = logging.getLogger(__name__)
-
-OUTPUTS = ("full", "trace")
-METHODS = ("auto", "jacobian", "vector-products", "layerwise")
 
 
 def ntk(
@@ -54,8 +52,8 @@ def ntk(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
-    output: str = "full",
-    method: str = "auto",
+    output: KernelOutput = "full",
+    method: KernelMethod = "auto",
     memory_budget: int | str = "2GiB",
     dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -74,8 +72,8 @@ def ntk(
     x1 = check_input("x1", x1)
     if x2 is not None:
         x2 = check_pair(x1, check_input("x2", x2))
-    full = check_choice("output", output, OUTPUTS) == "full"
-    method = check_choice("method", method, METHODS)
+    full = check_choice("output", output, KERNEL_OUTPUTS) == "full"
+    method = check_choice("method", method, KERNEL_METHODS)
     budget = parse_memory(memory_budget)
     dtype = check_dtype(dtype)
     with _computing_copy(model, dtype) as net, eval_mode(net):

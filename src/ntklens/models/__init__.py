@@ -13,8 +13,9 @@ from typing import Any
 from ntklens.errors import NtkLensError
 from ntklens.models.cnn import ConvNet
 from ntklens.models.mlp import MLP
-from ntklens.models.parameterization import ABC_TABLE, PARAMETERIZATIONS
+from ntklens.models.parameterization import ABC_TABLE
 from ntklens.models.width_model import ACTIVATIONS, WidthModel, count_flops, count_parameters
+from ntklens.schema import PARAMETERIZATIONS
 
 FAMILIES: dict[str, type[WidthModel]] = {"mlp": MLP, "cnn": ConvNet}
 FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -29,7 +29,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-PARAMETERIZATIONS = ("standard", "ntk", "mup")
 OPTIMIZERS = ("sgd", "adam")
 LAYER_KINDS = ("input", "hidden", "output", "bias", "output_bias")
 DEFAULT_BIAS_STD = 0.1

@@ -15,12 +15,12 @@ from ntklens.errors import NtkLensError
 from ntklens.models.parameterization import (
     DEFAULT_BIAS_STD,
     OPTIMIZERS,
-    PARAMETERIZATIONS,
     Multiply,
     ParameterScales,
     default_weight_std,
     parameter_scales,
 )
+from ntklens.schema import PARAMETERIZATIONS
 
 
 class Erf(nn.Module):

@@ -35,8 +35,8 @@ from ntklens.report.figures import (
     StudyData,
 )
 from ntklens.report.html import RenderedFigure, render_html
+from ntklens.schema import RunSpec
 from ntklens.store import Store
-from ntklens.train.spec import RunSpec
 
 FORMATS = ("html", "json")
 DPI = 120

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 import ntklens
 from ntklens.errors import NtkLensError
-from ntklens.train.spec import RunResult, RunSpec
+from ntklens.schema import RunResult, RunSpec
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.parquet"

@@ -18,9 +18,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ntklens.errors import ConfigError
+from ntklens.schema import (
+    ActivationName,
+    KernelOutput,
+    LossName,
+    ModelFamily,
+    OptimizerName,
+    Parameterization,
+)
 
 DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "digits", "teacher"]
-Parameterization = Literal["standard", "ntk", "mup"]
 LrRule = Literal["constant", "inverse_width", "sqrt_inverse_width"]
 
 DIGITS_TOTAL = 1797  # scikit-learn's digits; the data module holds out DIGITS_TEST_SIZE
@@ -92,16 +99,16 @@ class ProbeSection(_Section):
     split: Literal["train", "test"] = "test"
     seed: int = 0
     points_per_decade: int = Field(default=4, ge=0)
-    kernel_output: Literal["trace", "full"] = "trace"
+    kernel_output: KernelOutput = "trace"
     spectral_position_batch: int = Field(default=256, gt=0)
 
 
 class ModelSection(_Section):
     """The width-parameterized model family; width and parameterization are sweep axes."""
 
-    family: Literal["mlp", "cnn"] = "mlp"
+    family: ModelFamily = "mlp"
     depth: int = Field(default=2, gt=0)
-    activation: Literal["relu", "erf", "tanh", "gelu"] = "relu"
+    activation: ActivationName = "relu"
     weight_std: float | None = Field(default=None, gt=0)
     bias_std: float | None = Field(default=None, ge=0)
 
@@ -109,12 +116,12 @@ class ModelSection(_Section):
 class TrainSection(_Section):
     """Optimizer, loss, length of training and the width-dependent learning-rate rule."""
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     lr: float = Field(default=0.1, gt=0)
     lr_rule: LrRule = "constant"
     base_width: int | None = Field(default=None, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    loss: LossName = "cross_entropy"
     batch_size: int | None = Field(default=None, gt=0)
     steps: int | None = Field(default=None, gt=0)
     epochs: int | None = Field(default=None, gt=0)

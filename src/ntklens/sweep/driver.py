@@ -14,13 +14,13 @@ from pathlib import Path
 from ntklens.data import SOURCES, load_dataset
 from ntklens.data.registry import locate
 from ntklens.errors import ConfigError
+from ntklens.schema import RunSpec
 from ntklens.store import Store
 from ntklens.store import open as open_store
 from ntklens.sweep.config import StudyConfig
 from ntklens.sweep.executors import Executor, make_executor
 from ntklens.sweep.planning import plan
 from ntklens.sweep.progress import LogProgress, SweepProgress
-from ntklens.train.spec import RunSpec
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from ntklens.errors import ConfigError, NtkLensError
-from ntklens.train.spec import RunResult, RunSpec
+from ntklens.schema import RunResult, RunSpec
 
 RunTask = Callable[[RunSpec], RunResult]
 

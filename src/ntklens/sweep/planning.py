@@ -16,10 +16,10 @@ import pandas as pd
 from torch import nn
 
 from ntklens.models import build_model, count_flops, count_parameters
+from ntklens.schema import RunSpec
 from ntklens.sweep.config import DATASET_FACTS, StudyConfig
 from ntklens.train.probes import probe_steps
 from ntklens.train.run import total_steps
-from ntklens.train.spec import RunSpec
 
 DEFAULT_STEPS = 500  # when the config gives neither steps nor epochs
 PLAN_COLUMNS = ("run_id", "parameterization", "width", "n_train", "lr", "seed", "steps", "gflop")

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ntklens.train.spec import RunResult, RunSpec
+from ntklens.schema import RunResult, RunSpec
 
 
 def describe_run(spec: RunSpec) -> str:

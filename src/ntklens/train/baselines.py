@@ -25,9 +25,9 @@ from torch import nn
 
 from ntklens.kernel import ntk
 from ntklens.observables import kernel_observables_and_spectrum
+from ntklens.schema import Spectrum
 from ntklens.train.losses import mse_loss, one_hot
 from ntklens.train.probes import Split
-from ntklens.train.spec import Spectrum
 
 KernelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -17,8 +17,8 @@ from torch.nn.utils import parameters_to_vector
 
 from ntklens.kernel import ntk
 from ntklens.observables import kernel_observables_and_spectrum, spectral_position_matrix_free
+from ntklens.schema import Spectrum
 from ntklens.train.losses import LossFn, NonFiniteLoss
-from ntklens.train.spec import Spectrum
 
 EVAL_CHUNK = 4096
 

@@ -35,10 +35,10 @@ from ntklens.data import (
 from ntklens.errors import ConfigError, DataError
 from ntklens.infinite import infinite_kernel_for
 from ntklens.models import WidthModel, build_model
+from ntklens.schema import RECORD_COLUMNS, RunResult, RunSpec, Spectrum
 from ntklens.train.baselines import infinite_baseline, infinite_probe, kernel0_baseline
 from ntklens.train.losses import LOSSES, LossFn, NonFiniteLoss, loss_targets, one_hot
 from ntklens.train.probes import Prober, Split, probe_steps
-from ntklens.train.spec import RECORD_COLUMNS, RunResult, RunSpec, Spectrum
 
 OnProbe = Callable[[int, dict[str, float]], None]
 

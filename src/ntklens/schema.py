@@ -1,8 +1,10 @@
-"""The specification of one training run and the shape of its result.
+"""The records that cross floors, and the vocabulary of choices every signature uses.
 
+This is the bottom floor (with :mod:`ntklens.errors`): it imports nothing else of ntklens.
 A :class:`RunSpec` holds everything that decides a run's numbers; two equal specs give
 identical records on the same machine. Its :attr:`RunSpec.run_id` is a stable hash of the
-normalized spec, so a sweep can tell finished runs from new ones.
+normalized spec, so a sweep can tell finished runs from new ones. :class:`RunResult` and
+:class:`Spectrum` are what a run hands to the store and the report.
 """
 
 from __future__ import annotations
@@ -10,11 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Parameterization = Literal["standard", "ntk", "mup"]
+KernelOutput = Literal["full", "trace"]
+KernelMethod = Literal["auto", "jacobian", "vector-products", "layerwise"]
+LossName = Literal["cross_entropy", "mse"]
+ActivationName = Literal["relu", "erf", "tanh", "gelu"]
+OptimizerName = Literal["sgd", "adam"]
+ModelFamily = Literal["mlp", "cnn"]
+RunStatus = Literal["ok", "failed"]
+
+PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
+KERNEL_OUTPUTS: tuple[str, ...] = get_args(KernelOutput)
+KERNEL_METHODS: tuple[str, ...] = get_args(KernelMethod)
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+ACTIVATION_NAMES: tuple[str, ...] = get_args(ActivationName)
 
 RECORD_COLUMNS = ("step", "quantity", "value")
 
@@ -38,20 +55,20 @@ class RunSpec(BaseModel):
     teacher_n_classes: int = Field(default=4, gt=1)
 
     # model
-    model: Literal["mlp", "cnn"] = "mlp"
+    model: ModelFamily = "mlp"
     depth: int = Field(default=2, gt=0)
     width: int = Field(gt=0)
-    activation: Literal["relu", "erf", "tanh", "gelu"] = "relu"
-    parameterization: Literal["standard", "ntk", "mup"] = "standard"
+    activation: ActivationName = "relu"
+    parameterization: Parameterization = "standard"
     weight_std: float | None = Field(default=None, gt=0)
     bias_std: float | None = Field(default=None, ge=0)
 
     # training
     seed: int = 0
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    loss: LossName = "cross_entropy"
     batch_size: int | None = Field(default=None, gt=0)
     steps: int | None = Field(default=500, gt=0)
     epochs: int | None = Field(default=None, gt=0)
@@ -59,7 +76,7 @@ class RunSpec(BaseModel):
 
     # probes and baselines
     probe_points_per_decade: int = Field(default=4, ge=0)
-    kernel_output: Literal["trace", "full"] = "trace"
+    kernel_output: KernelOutput = "trace"
     spectral_position_batch: int = Field(default=256, gt=0)
     ridge: float = Field(default=1e-6, ge=0)
     dtype: Literal["float32", "float64"] = "float32"
@@ -96,7 +113,7 @@ class RunResult:
 
     spec: RunSpec
     run_id: str
-    status: Literal["ok", "failed"]
+    status: RunStatus
     records: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RECORD_COLUMNS))
     spectra: list[Spectrum] = field(default_factory=list)
     error: str | None = None
