@@ -14,7 +14,6 @@ import enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -28,7 +27,7 @@ EXIT_INTERRUPTED = 130
 class _Commands(TyperGroup):
     """The command group: user errors become one line on stderr and exit code 2."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except NtkLensError as error:
