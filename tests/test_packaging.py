@@ -100,7 +100,7 @@ def test_every_third_party_import_is_declared() -> None:
 
 
 def test_optional_extras_are_imported_lazily() -> None:
-    required, extras = declared()
+    required, _ = declared()
     eager = {
         module: f"{path.relative_to(ROOT)}:{line}"
         for module, places in third_party_imports().items()
