@@ -162,3 +162,47 @@ def test_quiet_or_piped_output_gets_log_lines() -> None:
     piped = Console(file=io.StringIO(), force_terminal=False)
     assert isinstance(make_progress(quiet=True, console=terminal), LogProgress)
     assert isinstance(make_progress(console=piped), LogProgress)
+
+
+def run_in_worker(spec: RunSpec) -> RunResult:
+    """A real training run that also records its worker's pid and, after the run, the most
+    threads any BLAS or OpenMP pool of the process had (scipy's included)."""
+    from threadpoolctl import threadpool_info
+
+    from ntklens.train.run import run
+
+    result = run(spec)
+    extra = pd.DataFrame(
+        {
+            "step": [-1, -1],
+            "quantity": ["pid", "blas_threads"],
+            "value": [
+                float(os.getpid()),
+                float(max(pool["num_threads"] for pool in threadpool_info())),
+            ],
+        }
+    )
+    result.records = pd.concat([result.records, extra], ignore_index=True)
+    return result
+
+
+def test_a_worker_gives_the_same_records_on_its_first_run_and_a_later_one() -> None:
+    # The first run of a fresh worker loads scipy's BLAS; its thread limit must hold anyway.
+    spec = RunSpec(
+        dataset="digits", n_train=1000, n_test=300, n_probe=20, width=8, steps=4,
+        probe_points_per_decade=0, spectral_position_batch=16,
+    )  # fmt: skip
+    other = spec.model_copy(update={"width": 9})
+    with LocalExecutor(1, threads_per_worker=1, task=run_in_worker) as executor:
+        (first,) = executor.results([spec])
+        later = {result.spec.width: result for result in executor.results([other, spec])}[8]
+    assert first.status == later.status == "ok", (first.error, later.error)
+    pids = {float(r.records.query("quantity == 'pid'")["value"].item()) for r in (first, later)}
+    assert len(pids) == 1  # one worker process ran both
+    assert "kernel0_test_loss" in set(first.records["quantity"])
+    for result in (first, later):
+        assert result.records.query("quantity == 'blas_threads'")["value"].item() == 1.0
+    pd.testing.assert_frame_equal(first.records, later.records, check_exact=True)
+    for a, b in zip(first.spectra, later.spectra, strict=True):
+        assert (a.step, a.kind) == (b.step, b.kind)
+        assert a.values.tobytes() == b.values.tobytes()
