@@ -3,7 +3,8 @@
 Every command turns its options into one library call and prints the result. A user error
 (:class:`~ntklens.errors.NtkLensError`, e.g. a bad config) prints ``error: <one line>`` to
 stderr and exits with code 2, for every command of :data:`app` (see :class:`_Commands`);
-usage errors also exit with 2, and ``sweep`` exits with 1 if any run failed. Imports of the
+usage errors also exit with 2, and ``sweep`` exits with 1 if any run failed. Warnings (a
+damaged run left out of a store, say) print as ``warning: <one line>``. Imports of the
 heavy parts happen inside the commands, so ``--help`` stays fast. To add a command, write
 ``@app.command()`` on a function that calls the library.
 """
@@ -11,6 +12,7 @@ heavy parts happen inside the commands, so ``--help`` stays fast. To add a comma
 from __future__ import annotations
 
 import enum
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,16 +26,28 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    typer.echo(f"warning: {_one_line(message)}", err=True)
+
+
 class _Commands(TyperGroup):
-    """The command group: user errors become one line on stderr and exit code 2."""
+    """The command group: user errors become one line on stderr and exit code 2, warnings
+    one line each."""
 
     def invoke(self, ctx: typer.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except NtkLensError as error:
-            message = " ".join(str(error).split())
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except NtkLensError as error:
+                typer.echo(f"error: {_one_line(error)}", err=True)
+                raise typer.Exit(EXIT_USAGE) from None
 
 
 app = typer.Typer(
@@ -178,10 +192,13 @@ def status(
     """Summarize a store: runs ok and failed (with reasons), and what is left of a study."""
     from ntklens.store import open as open_store
 
-    runs = open_store(store).runs()
+    opened = open_store(store)
+    runs = opened.runs()
     n_ok = int((runs["status"] == "ok").sum())
     failed = runs[runs["status"] == "failed"]
-    typer.echo(f"{store}: {len(runs)} runs stored, {n_ok} ok, {len(failed)} failed")
+    damaged = opened.damaged()
+    left_out = f", {len(damaged)} damaged left out" if damaged else ""
+    typer.echo(f"{store}: {len(runs)} runs stored, {n_ok} ok, {len(failed)} failed{left_out}")
     for row in failed.itertuples(index=False):
         typer.echo(f"  failed {row.run_id} width={row.width} n_train={row.n_train}: {row.error}")
     if config is not None:
@@ -289,8 +306,13 @@ def report(
 ) -> None:
     """Fit scaling laws and the transition width over a store, and write the report."""
     from ntklens.report import build_report
+    from ntklens.store import check_writable
+    from ntklens.store import open as open_store
 
-    result = build_report(store, out or store / "report", fmt=output_format.value)
+    opened = open_store(store)
+    out = out or store / "report"
+    check_writable(out, "--out")
+    result = build_report(opened, out, fmt=output_format.value)
     if output_format is ReportFormat.json:
         typer.echo(result.paths[0].read_text(encoding="utf-8"))
         return
@@ -331,11 +353,14 @@ def reproduce(
 
     protocol(dataset, scale.value)  # validate before importing the heavy parts
     from ntklens.reproduce import reproduce as run_reproduction
+    from ntklens.store import check_writable
 
+    out = out or Path("results") / f"{dataset}-{scale.value}"
+    check_writable(out, "--out")
     result = run_reproduction(
         dataset,
         scale.value,
-        out or Path("results") / f"{dataset}-{scale.value}",
+        out,
         executor=executor.value,
         workers=workers,
         address=address,

@@ -2,7 +2,8 @@
 
 Only the driver writes the store, one finished run at a time, under the store's writer
 lock; a sweep killed at any moment leaves whole runs or nothing, and running it again
-picks up where it stopped.
+picks up where it stopped. Before it skips stored runs it checks them against their
+manifests: a damaged run is moved aside (with a warning naming where) and run again.
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def run_sweep(
     an :class:`Executor`. Runs stored as ok are skipped unless ``force``; runs stored as
     failed are run again unless ``retry_failed`` is false (a crash or a missing file may
     have been fixed since; a diverging run will just fail again). Failed runs are stored
-    with their reason, and the sweep goes on.
+    with their reason, and the sweep goes on. Damaged stored runs are moved to the store's
+    ``damaged/`` folder and run again. A config's name is stored with each run it runs.
     """
+    study_name = study.name if isinstance(study, StudyConfig) else None
     specs = plan(study) if isinstance(study, StudyConfig) else list(study)
     specs = list({spec.run_id: spec for spec in specs}.values())
     if not specs:
@@ -86,12 +89,13 @@ def run_sweep(
     progress = progress or LogProgress()
     n_ok = n_failed = 0
     with store.writer():
+        store.set_aside_damaged()
         todo = runs_to_do(specs, store, force=force, retry_failed=retry_failed)
         if todo:
             with executor, progress:
                 progress.begin(len(todo), skipped=len(specs) - len(todo), slots=executor.slots)
                 for result in executor.results(todo):
-                    store.write(result)
+                    store.write(result, study=study_name)
                     n_ok += result.status == "ok"
                     n_failed += result.status == "failed"
                     progress.finished(result)
