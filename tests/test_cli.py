@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -205,3 +208,98 @@ def test_sweep_exits_1_when_a_run_fails_and_keeps_the_failure(tmp_path: Path) ->
     assert list(runs["status"]) == ["failed"]
     assert runs["error"].item().startswith(f"run {runs['run_id'].item()}: ")
     assert runs["failed_step"].item() >= 0
+
+
+def damage(store: Path) -> dict[str, Path]:
+    """Truncate one ok run's records and overwrite another's spectra; their directories."""
+    runs = ntklens.store.open(store).runs().set_index("width")
+    truncated = store / "runs" / runs.loc[8, "run_id"]
+    overwritten = store / "runs" / runs.loc[16, "run_id"]
+    records = truncated / "records.parquet"
+    records.write_bytes(records.read_bytes()[:50])
+    spectra = overwritten / "spectra.parquet"
+    spectra.write_bytes(bytes(spectra.stat().st_size))
+    return {"truncated": truncated, "overwritten": overwritten}
+
+
+def warning_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status", "{store}"],
+        ["query", "{store}", "SELECT count(*) AS n FROM runs"],
+        ["report", "{store}", "--format", "json", "--out", "{out}"],
+    ],
+)
+def test_commands_on_a_damaged_store_warn_naming_each_damaged_run(
+    command: list[str], store: Path, tmp_path: Path
+) -> None:
+    damaged = damage(store)
+    arguments = [a.format(store=store, out=tmp_path / "report") for a in command]
+    result = runner.invoke(app, arguments)
+    warnings = warning_lines(result.stderr)
+    assert "Traceback" not in result.output
+    assert len(warnings) == 2, result.stderr
+    for path in damaged.values():
+        assert sum(str(path) in line for line in warnings) == 1
+    if command[0] == "status":
+        assert result.exit_code == 0
+        assert "1 runs stored, 0 ok, 1 failed, 2 damaged left out" in result.stdout
+    elif command[0] == "query":
+        assert result.exit_code == 0 and result.stdout.split() == ["n", "1"]
+    else:  # only the failed run is left: one line, the report's own reason
+        assert result.exit_code == 2
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "none of the 1 runs finished" in errors[0]
+
+
+def read_only_runner(store: Path) -> list[str]:
+    """A command prefix that runs with ``store`` read-only: a read-only bind mount in a
+    private mount namespace for root (whom permissions do not stop), else no write bits."""
+    if os.geteuid() != 0:
+        for path in (store, *store.rglob("*")):
+            path.chmod(path.stat().st_mode & ~0o222)
+        return []
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+    prefix = ["unshare", "--mount", "sh", "-c", script, str(store)]
+    probe = subprocess.run([*prefix, "touch", str(store / "probe")], capture_output=True)
+    if probe.returncode == 0 or b"Read-only" not in probe.stderr:
+        pytest.skip("cannot make a read-only mount here (needs unshare and mount)")
+    return prefix
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (["status", "{store}"], None),
+        (["query", "{store}", "SELECT count(*) AS n FROM runs"], None),
+        (["report", "{store}", "--format", "json"], "cannot write there"),
+        (["report", "{store}", "--format", "json", "--out", "{out}"], None),
+        (["sweep", "{study}", "--store", "{store}", "-q"], "cannot write there"),
+    ],
+)
+def test_a_read_only_store_reads_and_refuses_writes_in_one_line(
+    command: list[str], error: str | None, store: Path, study: Path, tmp_path: Path
+) -> None:
+    prefix = read_only_runner(store)
+    arguments = [a.format(store=store, study=study, out=tmp_path / "out") for a in command]
+    completed = subprocess.run(
+        [*prefix, sys.executable, "-m", "ntklens", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Traceback" not in completed.stderr, completed.stderr
+    if error is None:
+        assert completed.returncode == 0, completed.stderr
+        if command[0] == "report":
+            assert json.loads(completed.stdout) == json.loads(
+                (tmp_path / "out" / "summary.json").read_text()
+            )
+    else:
+        assert completed.returncode == 2
+        lines = completed.stderr.strip().splitlines()
+        assert len(lines) == 1 and error in lines[0] and str(store) in lines[0], lines

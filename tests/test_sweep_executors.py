@@ -14,7 +14,8 @@ from rich.console import Console
 import ntklens.store
 from ntklens.errors import ConfigError, NtkLensError
 from ntklens.schema import RunResult, RunSpec
-from ntklens.sweep import Executor, LocalExecutor, SweepSummary, run_sweep
+from ntklens.store import StoreWarning
+from ntklens.sweep import Executor, LocalExecutor, SweepSummary, run_sweep, validate_config
 from ntklens.sweep.executors import execute_run, make_executor
 from ntklens.sweep.progress import LiveProgress, LogProgress, make_progress
 
@@ -206,3 +207,35 @@ def test_a_worker_gives_the_same_records_on_its_first_run_and_a_later_one() -> N
     for a, b in zip(first.spectra, later.spectra, strict=True):
         assert (a.step, a.kind) == (b.step, b.kind)
         assert a.values.tobytes() == b.values.tobytes()
+
+
+def test_a_resumed_sweep_moves_damaged_runs_aside_and_redoes_them(tmp_path: Path) -> None:
+    study = validate_config(
+        {
+            "name": "repair-study",
+            "data": {"dataset": "digits", "n_test": 100},
+            "probe": {"n": 10},
+            "train": {"steps": 5},
+            "sweep": {"widths": [1, 2, 3, 4], "n_train": [50]},
+        }
+    )
+    first = run_sweep(study, tmp_path, executor=InProcessExecutor())
+    assert (first.n_ok, first.n_skipped) == (4, 0)
+    store = ntklens.store.open(tmp_path)
+    before = store.records()
+    by_width = store.runs().set_index("width")["run_id"]
+    records = tmp_path / "runs" / by_width[1] / "records.parquet"
+    records.write_bytes(records.read_bytes()[:100])
+    spectra = tmp_path / "runs" / by_width[3] / "spectra.parquet"
+    spectra.write_bytes(bytes(spectra.stat().st_size))
+
+    with pytest.warns(StoreWarning) as caught:
+        resumed = run_sweep(study, tmp_path, executor=InProcessExecutor())
+    assert (resumed.n_skipped, resumed.n_ok, resumed.n_failed) == (2, 2, 0)
+    aside = sorted((tmp_path / "damaged").iterdir())
+    assert sorted(p.name[:16] for p in aside) == sorted([by_width[1], by_width[3]])
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(str(p) in messages for p in aside)
+    assert store.damaged() == {}
+    pd.testing.assert_frame_equal(store.records(), before)
+    assert set(store.runs()["study"]) == {"repair-study"}
