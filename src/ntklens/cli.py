@@ -120,7 +120,10 @@ def sweep(
 
     study = load_config(config)
     from ntklens.sweep import make_progress, run_sweep  # heavy: only for a valid config
+    from ntklens.sweep.planning import check_runs, plan
 
+    if executor is ExecutorKind.local or address is None:  # runs on this machine
+        check_runs(plan(study), label=config.name)
     store = store or Path("results") / study.name
     try:
         summary = run_sweep(
@@ -147,17 +150,26 @@ def sweep(
 
 
 @app.command("plan")
-def plan_command(config: ConfigArgument) -> None:
-    """List the runs of a study with a cost estimate, without running anything."""
+def plan_command(
+    config: ConfigArgument,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", min=1, help="Workers to estimate the wall time for."),
+    ] = None,
+) -> None:
+    """List the runs of a study with a cost and wall-time estimate, without running anything;
+    refuse what every run would fail on (memory estimated from shapes, the device)."""
     from rich.console import Console
     from rich.table import Table
 
     from ntklens.sweep.config import load_config
 
     study = load_config(config)
-    from ntklens.sweep.planning import plan, plan_table  # heavy: only for a valid config
+    from ntklens.sweep.planning import check_runs, estimate_wall_time, plan, plan_table
 
-    table = plan_table(plan(study))
+    specs = plan(study)
+    check_runs(specs, label=config.name)
+    table = plan_table(specs)
     view = Table(title=f"{study.name}: {len(table)} runs", title_justify="left")
     for column in ("run_id", "param", "width", "n_train", "lr", "seed", "steps", "est. GFLOP"):
         view.add_column(column, justify="left" if column in ("run_id", "param") else "right")
@@ -177,6 +189,13 @@ def plan_command(config: ConfigArgument) -> None:
     console.print(
         f"total: {len(table)} runs, {table['steps'].sum()} steps, "
         f"~{table['gflop'].sum():.4g} GFLOP (rough; training + probes + kernel baselines)",
+        highlight=False,
+    )
+    wall = estimate_wall_time(specs, workers=workers)
+    console.print(
+        f"estimated wall time: ~{_duration(wall.seconds)} with {wall.workers} local worker(s) "
+        f"({wall.fixed_s:.1f} s fixed cost per run + ~{wall.gflops:.0f} GFLOP/s per worker; "
+        "rough, for an idle machine)",
         highlight=False,
     )
 
@@ -375,6 +394,15 @@ def reproduce(
     )
     if any(sweep.n_failed for sweep in result.sweeps.values()):
         raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``12 min`` or ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _saved_model_kernel(

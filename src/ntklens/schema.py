@@ -79,6 +79,8 @@ class RunSpec(BaseModel):
     kernel_output: KernelOutput = "trace"
     spectral_position_batch: int = Field(default=256, gt=0)
     ridge: float = Field(default=1e-6, ge=0)
+    kernel0_baseline: bool = True
+    infinite_baseline: bool = True
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
 

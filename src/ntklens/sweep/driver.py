@@ -20,7 +20,7 @@ from ntklens.store import Store
 from ntklens.store import open as open_store
 from ntklens.sweep.config import StudyConfig
 from ntklens.sweep.executors import Executor, make_executor
-from ntklens.sweep.planning import plan
+from ntklens.sweep.planning import check_runs, plan
 from ntklens.sweep.progress import LogProgress, SweepProgress
 
 
@@ -83,8 +83,9 @@ def run_sweep(
         executor = make_executor(executor, workers=workers, address=address)
     elif workers is not None or address is not None:
         raise ConfigError("workers and address configure a named executor; set them on it")
-    if executor.local_files:
+    if executor.local_files:  # the runs use this machine's files, memory and devices
         check_data_available(specs)
+        check_runs(specs, label=study_name or "sweep")
     store = store if isinstance(store, Store) else open_store(store, create=True)
     progress = progress or LogProgress()
     n_ok = n_failed = 0

@@ -323,7 +323,7 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
         kernel_output=spec.kernel_output,
     )
     initial_model = copy.deepcopy(model)
-    infinite_kernel = infinite_kernel_for(model)
+    infinite_kernel = infinite_kernel_for(model) if spec.infinite_baseline else None
     rows: list[tuple[int, str, float]] = []
     spectra: list[Spectrum] = []
     status: Literal["ok", "failed"]
@@ -345,7 +345,8 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
                 spectra.append(infinite_spectrum)
             if step == setup.n_steps:
                 args = (data.train, data.test, data.n_classes, spec.ridge)
-                values.update(kernel0_baseline(initial_model, *args))
+                if spec.kernel0_baseline:
+                    values.update(kernel0_baseline(initial_model, *args))
                 if infinite_kernel is not None:
                     values.update(infinite_baseline(infinite_kernel, *args))
             rows.extend((step, quantity, value) for quantity, value in values.items())
