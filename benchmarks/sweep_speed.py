@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -77,7 +78,10 @@ def in_process_costs(spec: RunSpec, repeats: int = 3) -> tuple[float, float]:
 def fixed_cost(runs: int) -> None:
     """Print the wall time per run of a small sweep and the per-run fixed cost."""
     specs = fixed_cost_specs(runs)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = timed_sweep(specs, workers=1, threads=1, quiet=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / runs
     per_run = total / runs
     whole, data = in_process_costs(specs[0])
     compute = whole - data
@@ -91,6 +95,11 @@ def fixed_cost(runs: int) -> None:
         f"  in this process, warm: the run takes {whole:.2f} s, of which data loading "
         f"{data:.2f} s; per-run fixed cost in the sweep: {per_run - compute:.2f} s "
         f"(wall per run − the run's compute, {compute:.2f} s)",
+        flush=True,
+    )
+    print(
+        f"  worker CPU time per run (user + system, pool start included): {cpu:.2f} s; "
+        "unlike wall times, it hardly grows when other jobs share the cores",
         flush=True,
     )
 

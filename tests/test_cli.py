@@ -75,16 +75,25 @@ def store(tmp_path: Path, study: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["sweep"], ["plan"], ["status"], ["query"], ["ntk"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["sweep"], ["plan"], ["status"], ["query"], ["ntk"], ["report"], ["reproduce"]],
+)
 def test_help_everywhere(command: list[str]) -> None:
-    result = runner.invoke(app, [*command, "--help"])
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
     assert result.exit_code == 0
     assert "Usage:" in result.stdout
+    text = " ".join(result.stdout.split())
     if command == ["sweep"]:
         for option in ("--store", "--workers", "--executor", "--address", "--force", "--quiet"):
             assert option in result.stdout
     if command == ["ntk"]:
-        assert "weights_only=False" in " ".join(result.stdout.split())
+        assert "weights_only=False" in text
+        for option in ("--method", "--memory-budget", "--device", "--format", "--flatten"):
+            assert option in result.stdout
+        assert "--standardize" in text and "Off by default" in text
+    if command in (["ntk"], ["sweep"], ["reproduce"]):
+        assert "--download" in result.stdout
 
 
 def test_plan_lists_every_run_and_totals(study: Path) -> None:
@@ -167,7 +176,10 @@ def test_ntk_of_a_saved_model_matches_the_explicit_jacobian(tmp_path: Path) -> N
     out = tmp_path / "kernel.npy"
     result = runner.invoke(
         app,
-        ["ntk", str(tmp_path / "model.pt"), "--dataset", "digits", "--n", "20", "--out", str(out)],
+        [
+            *("ntk", str(tmp_path / "model.pt"), "--dataset", "digits", "--n", "20"),
+            *("--standardize", "--out", str(out)),
+        ],
     )
     assert result.exit_code == 0, result.output
 
@@ -303,3 +315,86 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(
         assert completed.returncode == 2
         lines = completed.stderr.strip().splitlines()
         assert len(lines) == 1 and error in lines[0] and str(store) in lines[0], lines
+
+
+def saved_digits_model(tmp_path: Path, **options: object) -> tuple[torch.nn.Module, Path]:
+    model = build_model("mlp", width=12, depth=2, in_shape=(1, 8, 8), n_outputs=10, seed=4)
+    model = model.double()
+    torch.save(model, tmp_path / "model.pt")
+    return model, tmp_path / "model.pt"
+
+
+def test_ntk_uses_raw_inputs_unless_asked_and_reports_json(tmp_path: Path) -> None:
+    model, path = saved_digits_model(tmp_path)
+    out = tmp_path / "kernel.npy"
+    arguments = ["ntk", str(path), "--dataset", "digits", "--n", "20", "--out", str(out)]
+    result = runner.invoke(app, [*arguments, "--method", "jacobian", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = load_dataset("digits")  # not standardized
+    index = torch.from_numpy(probe_indices(data.y_test, 20, 0))
+    expected = explicit_trace_kernel(model.eval(), data.x_test[index].double())
+    np.testing.assert_allclose(np.load(out), expected.detach().numpy(), rtol=1e-10, atol=1e-12)
+    document = json.loads(result.stdout)
+    assert document["method"] == "jacobian" and document["standardize"] is False
+    assert document["kernel_shape"] == [20, 20]
+    assert document["observables"]["trace"] == pytest.approx(float(expected.trace()), rel=1e-9)
+    budgeted = runner.invoke(
+        app, [*arguments[:6], "--method", "layerwise", "--memory-budget", "1MiB", "-f", "json"]
+    )
+    assert budgeted.exit_code == 0, budgeted.output
+    assert json.loads(budgeted.stdout)["observables"]["trace"] == pytest.approx(
+        float(expected.trace()), rel=1e-9
+    )
+
+
+def test_ntk_names_the_flatten_problem_and_flatten_fixes_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    ).double()
+    torch.save(model, tmp_path / "flat.pt")
+    arguments = ["ntk", str(tmp_path / "flat.pt"), "--dataset", "digits", "--n", "10"]
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2
+    assert "takes flat vectors of 64 features, not digits images of shape (1, 8, 8)" in (
+        refused.stderr
+    )
+    assert "pass --flatten" in refused.stderr
+    flat = runner.invoke(app, [*arguments, "--flatten", "-f", "json"])
+    assert flat.exit_code == 0, flat.output
+    data = load_dataset("digits")
+    index = torch.from_numpy(probe_indices(data.y_test, 10, 0))
+    expected = explicit_trace_kernel(model.eval(), data.x_test[index].double().reshape(10, -1))
+    trace = json.loads(flat.stdout)["observables"]["trace"]
+    assert trace == pytest.approx(float(expected.trace()), rel=1e-9)
+
+
+def test_ntk_names_a_class_that_cannot_be_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "lab_models.py"
+    module.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.layer = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.layer(x.flatten(1))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import lab_models
+
+    torch.save(lab_models.Net(), tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "lab_models")
+    module.unlink()
+    result = runner.invoke(app, ["ntk", str(tmp_path / "net.pt"), "--dataset", "digits"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "module 'lab_models'" in line and "cannot be imported" in line
+
+
+def test_ntk_refuses_an_unavailable_device(tmp_path: Path) -> None:
+    _, path = saved_digits_model(tmp_path)
+    result = runner.invoke(app, ["ntk", str(path), "--dataset", "digits", "--device", "cuda:9"])
+    assert result.exit_code == 2 and "--device 'cuda:9' is not available" in result.stderr

@@ -11,6 +11,7 @@ heavy parts happen inside the commands, so ``--help`` stays fast. To add a comma
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import warnings
 from pathlib import Path
@@ -86,6 +87,14 @@ ConfigArgument = Annotated[
     Path, typer.Argument(help="Study config (TOML), e.g. examples/width_scaling.toml.")
 ]
 StoreArgument = Annotated[Path, typer.Argument(help="Results store directory.")]
+DownloadOption = Annotated[
+    bool,
+    typer.Option(
+        "--download/--no-download",
+        help="Fetch a missing dataset (MNIST, Fashion-MNIST, CIFAR-10) into the user cache, "
+        "checked by SHA-256.",
+    ),
+]
 
 
 @app.command()
@@ -114,6 +123,7 @@ def sweep(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Log lines instead of a live display.")
     ] = False,
+    download: DownloadOption = False,
 ) -> None:
     """Run every run of a study not yet in the store; rerun to resume a stopped sweep."""
     from ntklens.sweep.config import load_config
@@ -135,6 +145,7 @@ def sweep(
             force=force,
             retry_failed=retry_failed,
             progress=make_progress(quiet=quiet),
+            download=download,
         )
     except KeyboardInterrupt:
         typer.echo(
@@ -258,6 +269,18 @@ def query(
             typer.echo(result.to_string(index=False))
 
 
+class Method(enum.StrEnum):
+    auto = "auto"
+    jacobian = "jacobian"
+    vector_products = "vector-products"
+    layerwise = "layerwise"
+
+
+class NtkFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
 @app.command()
 def ntk(
     model_file: Annotated[
@@ -265,40 +288,80 @@ def ntk(
         typer.Argument(
             help="A whole model saved with torch.save(model, path). It is loaded with "
             "torch.load(weights_only=False), which runs code from the file: only load "
-            "files you trust."
+            "files you trust. Its class must be importable here."
         ),
     ],
     dataset: Annotated[str, typer.Option(help="Dataset name, e.g. fashion-mnist, digits.")],
     data_path: Annotated[
         Path | None, typer.Option(help="Directory holding the dataset's files.")
     ] = None,
+    download: DownloadOption = False,
     n: Annotated[int, typer.Option("--n", min=2, help="Number of probe points.")] = 256,
     split: Annotated[Split, typer.Option(help="Split to draw the probe points from.")] = (
         Split.test
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the class-balanced probe set.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the class-balanced probe set.")] = 0,
     output: Annotated[
         KernelOutput,
         typer.Option(help="trace: N×N summed over outputs; full: (N·K)×(N·K)."),
     ] = KernelOutput.trace,
+    method: Annotated[
+        Method, typer.Option(help="eNTK method; auto picks by estimated time and memory.")
+    ] = Method.auto,
+    memory_budget: Annotated[
+        str, typer.Option(help="Peak memory the kernel may use, e.g. 512MiB or 4GiB.")
+    ] = "2GiB",
+    device: Annotated[str, typer.Option(help="Where to compute: cpu, cuda, cuda:N, mps.")] = (
+        "cpu"
+    ),
     standardize: Annotated[
-        bool, typer.Option(help="Standardize inputs with train statistics, as runs do.")
-    ] = True,
+        bool,
+        typer.Option(
+            help="Standardize inputs with the dataset's train statistics, as ntklens runs do: "
+            "give it for models ntklens trained. Off by default: the model sees the raw "
+            "inputs in [0, 1]."
+        ),
+    ] = False,
+    flatten: Annotated[
+        bool, typer.Option(help="Feed flat vectors (N, C·H·W) instead of images (N, C, H, W).")
+    ] = False,
+    output_format: Annotated[
+        NtkFormat, typer.Option("--format", "-f", help="table: name/value lines; json.")
+    ] = NtkFormat.table,
     out: Annotated[
         Path | None, typer.Option(help="Save the kernel as a .npy file (flattened if full).")
     ] = None,
 ) -> None:
     """The eNTK of a saved model on a probe set of a dataset, and its observables."""
-    kernel, observables = _saved_model_kernel(
-        model_file, dataset, data_path, n, split.value, seed, output.value, standardize
-    )
-    width = max(len(name) for name in observables)
-    for name, value in observables.items():
-        typer.echo(f"{name:<{width}}  {value:.6g}")
+    import json
+
+    options = KernelOptions(output.value, method.value, memory_budget, device)
+    probe = ProbeOptions(dataset, data_path, download, n, split.value, seed, standardize, flatten)
+    kernel, observables = _saved_model_kernel(model_file, probe, options)
     if out is not None:
         import numpy as np
 
         np.save(out, kernel.numpy())
+    if output_format is NtkFormat.json:
+        document = {
+            "model": str(model_file),
+            "dataset": dataset,
+            "split": split.value,
+            "n": n,
+            "seed": seed,
+            "output": output.value,
+            "method": method.value,
+            "standardize": standardize,
+            "kernel_shape": list(kernel.shape),
+            "observables": observables,
+            "saved_to": str(out) if out is not None else None,
+        }
+        typer.echo(json.dumps(document, indent=2))
+        return
+    width = max(len(name) for name in observables)
+    for name, value in observables.items():
+        typer.echo(f"{name:<{width}}  {value:.6g}")
+    if out is not None:
         typer.echo(f"kernel {tuple(kernel.shape)} saved to {out}")
 
 
@@ -364,13 +427,20 @@ def reproduce(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Log lines instead of a live display.")
     ] = False,
+    download: DownloadOption = False,
 ) -> None:
     """Reproduce the paper's findings: data- and width-scaling sweeps, then the report."""
     import json
 
     from ntklens.reproduce import protocol
 
-    protocol(dataset, scale.value)  # validate before importing the heavy parts
+    studies = protocol(dataset, scale.value)  # validate before importing the heavy parts
+    if download:
+        from ntklens.sweep.driver import check_data_available
+        from ntklens.sweep.planning import plan
+
+        for study in studies:
+            check_data_available(plan(study), download=True)
     from ntklens.reproduce import reproduce as run_reproduction
     from ntklens.store import check_writable
 
@@ -405,29 +475,56 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _saved_model_kernel(
-    model_file: Path,
-    dataset: str,
-    data_path: Path | None,
-    n_probe: int,
-    split: str,
-    seed: int,
-    output: str,
-    standardize: bool,
-) -> tuple[Any, dict[str, float]]:
-    """Load the model and the probe set, checking both, then the kernel and observables."""
-    import torch
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How ``ntk`` computes the kernel."""
 
-    from ntklens import flatten
-    from ntklens import ntk as entk
-    from ntklens.data import load_dataset, preprocess, probe_indices
-    from ntklens.observables import kernel_observables
-    from ntklens.train.probes import kernel_targets
+    output: str
+    method: str
+    memory_budget: str
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeOptions:
+    """Which probe set ``ntk`` feeds the model, and how."""
+
+    dataset: str
+    data_path: Path | None
+    download: bool
+    n: int
+    split: str
+    seed: int
+    standardize: bool
+    flatten: bool
+
+
+def _load_model(model_file: Path, device: Any) -> Any:
+    """The nn.Module in ``model_file``; each way it can fail is one line naming it."""
+    import pickle
+
+    import torch
 
     if not model_file.is_file():
         raise NtkLensError(f"{model_file}: no such model file; save one with torch.save(model)")
     try:
-        model = torch.load(model_file, weights_only=False, map_location="cpu")
+        model = torch.load(model_file, weights_only=False, map_location=device)
+    except ModuleNotFoundError as error:
+        raise NtkLensError(
+            f"{model_file}: the model's class is defined in module {error.name!r}, which "
+            "cannot be imported here; put it on PYTHONPATH (or run from its directory)"
+        ) from None
+    except (AttributeError, pickle.UnpicklingError) as error:
+        reason = _one_line(error)
+        if "Can't get attribute" not in reason:
+            raise NtkLensError(
+                f"{model_file}: cannot load ({reason}); save the whole model with torch.save"
+            ) from None
+        raise NtkLensError(
+            f"{model_file}: the model's class cannot be found ({reason}); define or import "
+            "that class where it is looked up (a class saved from a script's __main__ must "
+            "be importable under that name)"
+        ) from None
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise NtkLensError(
@@ -438,29 +535,90 @@ def _saved_model_kernel(
             f"{model_file}: holds a {type(model).__name__}, not a model; save the "
             "nn.Module itself with torch.save(model, path)"
         )
-    data = load_dataset(dataset, path=data_path)
-    if standardize:
-        data = preprocess(data, standardize=True)
-    x_all, y_all = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
-    index = torch.from_numpy(probe_indices(y_all, n_probe, seed))
-    dtype = next(model.parameters()).dtype
-    x, labels = x_all[index].to(dtype), y_all[index]
+    return model
+
+
+def _torch_device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NtkLensError(
+            f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise NtkLensError(f"--device {name!r} is not available (this machine has {have})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise NtkLensError(f"--device {name!r} is not available here; use cpu")
+    return device
+
+
+def _first_output(model: Any, x: Any) -> tuple[Any, str | None]:
+    """The model's output on ``x`` (one example), or None and why it failed."""
+    import torch
+
     try:
         with torch.no_grad():
-            outputs = model.eval()(x[:1])
+            return model.eval()(x), None
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return None, (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _saved_model_kernel(
+    model_file: Path, probe: ProbeOptions, options: KernelOptions
+) -> tuple[Any, dict[str, float]]:
+    """Load the model and the probe set, checking both, then the kernel and observables."""
+    import torch
+
+    from ntklens import flatten
+    from ntklens import ntk as entk
+    from ntklens.data import load_dataset, preprocess, probe_indices
+    from ntklens.observables import kernel_observables
+    from ntklens.train.probes import kernel_targets
+
+    device = _torch_device(options.device)
+    model = _load_model(model_file, device)
+    data = load_dataset(probe.dataset, path=probe.data_path, download=probe.download)
+    if probe.standardize:
+        data = preprocess(data, standardize=True)
+    x_all, y_all = (
+        (data.x_train, data.y_train) if probe.split == "train" else (data.x_test, data.y_test)
+    )
+    index = torch.from_numpy(probe_indices(y_all, probe.n, probe.seed))
+    dtype = next(model.parameters()).dtype
+    x, labels = x_all[index].to(device=device, dtype=dtype), y_all[index]
+    flat = x.reshape(len(x), -1)
+    outputs, reason = _first_output(model, (flat if probe.flatten else x)[:1])
+    if outputs is None:
+        shape, features = tuple(x.shape[1:]), flat.shape[1]
+        if not probe.flatten and _first_output(model, flat[:1])[0] is not None:
+            raise NtkLensError(
+                f"{model_file}: the model takes flat vectors of {features} features, not "
+                f"{probe.dataset} images of shape {shape}; pass --flatten"
+            )
+        given = f"flat vectors of {features} features" if probe.flatten else f"images {shape}"
         raise NtkLensError(
-            f"{model_file}: the model does not take {dataset} inputs of shape "
-            f"{tuple(x.shape[1:])} ({reason}); give the dataset it was trained on"
-        ) from None
+            f"{model_file}: the model does not take {probe.dataset} inputs ({given}: {reason}); "
+            "give the dataset it was trained on"
+        )
     if outputs.shape[-1] != data.n_classes:
         raise NtkLensError(
-            f"{model_file}: the model has {outputs.shape[-1]} outputs but {dataset} has "
+            f"{model_file}: the model has {outputs.shape[-1]} outputs but {probe.dataset} has "
             f"{data.n_classes} classes; give the dataset it was trained on"
         )
-    kernel = entk(model, x, output=output)
+    inputs = flat if probe.flatten else x
+    kernel = entk(
+        model,
+        inputs,
+        output=options.output,
+        method=options.method,
+        memory_budget=options.memory_budget,
+    )
     one_hot = torch.nn.functional.one_hot(labels, data.n_classes).to(torch.float64)
-    observables = kernel_observables(kernel, targets=kernel_targets(one_hot, output))
-    flat = flatten(kernel) if output == "full" else kernel
-    return flat.detach().cpu(), observables
+    observables = kernel_observables(kernel.cpu(), targets=kernel_targets(one_hot, options.output))
+    result = flatten(kernel) if options.output == "full" else kernel
+    return result.detach().cpu(), observables

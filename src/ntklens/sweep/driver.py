@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ntklens.data import SOURCES, load_dataset
+from ntklens.data import SOURCES, download_dataset, load_dataset
 from ntklens.data.registry import locate
 from ntklens.errors import ConfigError
 from ntklens.schema import RunSpec
@@ -46,11 +46,15 @@ def runs_to_do(
     return [spec for spec in specs if statuses.get(spec.run_id) not in keep]
 
 
-def check_data_available(specs: Sequence[RunSpec]) -> None:
-    """Raise the data module's one-line error if a dataset's files are not on this machine."""
+def check_data_available(specs: Sequence[RunSpec], *, download: bool = False) -> None:
+    """Raise the data module's one-line error if a dataset's files are not on this machine;
+    with ``download``, fetch them into the user cache instead."""
     for dataset, path in sorted({(s.dataset, s.data_path) for s in specs}, key=str):
         if dataset in SOURCES and locate(SOURCES[dataset], path) is None:
-            load_dataset(dataset, path=path)  # raises DataNotFoundError with where to look
+            if download:
+                download_dataset(dataset)
+            else:
+                load_dataset(dataset, path=path)  # raises DataNotFoundError, where to look
 
 
 def run_sweep(
@@ -63,6 +67,7 @@ def run_sweep(
     force: bool = False,
     retry_failed: bool = True,
     progress: SweepProgress | None = None,
+    download: bool = False,
 ) -> SweepSummary:
     """Execute every planned run not yet in ``store`` and store each result as it finishes.
 
@@ -71,7 +76,8 @@ def run_sweep(
     an :class:`Executor`. Runs stored as ok are skipped unless ``force``; runs stored as
     failed are run again unless ``retry_failed`` is false (a crash or a missing file may
     have been fixed since; a diverging run will just fail again). Failed runs are stored
-    with their reason, and the sweep goes on. Damaged stored runs are moved to the store's
+    with their reason, and the sweep goes on. ``download`` fetches missing datasets first
+    (local executors). Damaged stored runs are moved to the store's
     ``damaged/`` folder and run again. A config's name is stored with each run it runs.
     """
     study_name = study.name if isinstance(study, StudyConfig) else None
@@ -84,7 +90,7 @@ def run_sweep(
     elif workers is not None or address is not None:
         raise ConfigError("workers and address configure a named executor; set them on it")
     if executor.local_files:  # the runs use this machine's files, memory and devices
-        check_data_available(specs)
+        check_data_available(specs, download=download)
         check_runs(specs, label=study_name or "sweep")
     store = store if isinstance(store, Store) else open_store(store, create=True)
     progress = progress or LogProgress()
