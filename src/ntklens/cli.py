@@ -408,7 +408,7 @@ def report(
 def reproduce(
     dataset: Annotated[str, typer.Argument(help="Dataset with a protocol: fashion-mnist.")],
     scale: Annotated[
-        Scale, typer.Option(help="quick: ~15 min on 2 CPU cores; full: paper scale (GPU/Ray).")
+        Scale, typer.Option(help="quick: ~4 min on 2 idle CPU cores; full: paper scale (GPU/Ray).")
     ] = Scale.quick,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default: results/<dataset>-<scale>).")
