@@ -102,6 +102,7 @@ def test_plan_lists_every_run_and_totals(study: Path) -> None:
     for spec in plan(load_config(study)):
         assert spec.run_id in result.stdout
     assert "total: 6 runs, 60 steps" in result.stdout
+    assert "estimated wall time: ~" in result.stdout
 
 
 def test_status_counts_and_explains_failures(store: Path, study: Path) -> None:

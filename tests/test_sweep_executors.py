@@ -239,3 +239,18 @@ def test_a_resumed_sweep_moves_damaged_runs_aside_and_redoes_them(tmp_path: Path
     assert store.damaged() == {}
     pd.testing.assert_frame_equal(store.records(), before)
     assert set(store.runs()["study"]) == {"repair-study"}
+
+
+def test_baselines_switched_off_are_not_computed() -> None:
+    from ntklens.train.run import run
+
+    spec = RunSpec(
+        dataset="digits", n_train=60, n_test=50, n_probe=10, width=8, steps=3,
+        probe_points_per_decade=0, spectral_position_batch=16, parameterization="ntk",
+    )  # fmt: skip
+    with_baselines = set(run(spec).records["quantity"])
+    off = spec.model_copy(update={"kernel0_baseline": False, "infinite_baseline": False})
+    without = set(run(off).records["quantity"])
+    assert {"kernel0_test_loss", "infinite_test_loss"} <= with_baselines
+    assert not any(q.startswith(("kernel0_", "infinite_")) for q in without)
+    assert without == {q for q in with_baselines if not q.startswith(("kernel0_", "infinite_"))}
