@@ -335,6 +335,10 @@ def ntk(
     """The eNTK of a saved model on a probe set of a dataset, and its observables."""
     import json
 
+    if out is not None:
+        from ntklens.store import check_writable
+
+        check_writable(out.parent, "--out")
     options = KernelOptions(output.value, method.value, memory_budget, device)
     probe = ProbeOptions(dataset, data_path, download, n, split.value, seed, standardize, flatten)
     kernel, observables = _saved_model_kernel(model_file, probe, options)
