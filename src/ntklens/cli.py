@@ -254,7 +254,8 @@ def query(
     ] = QueryFormat.table,
 ) -> None:
     """Run SQL over a store, e.g. "SELECT width, avg(value) FROM records JOIN runs USING
-    (run_id) WHERE quantity = 'test_loss' GROUP BY width"."""
+    (run_id) WHERE quantity = 'test_loss' AND step = steps GROUP BY width" (the final test
+    loss: records hold every probe step)."""
     import pandas as pd
 
     from ntklens.store import open as open_store
