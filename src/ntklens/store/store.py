@@ -430,9 +430,8 @@ def _stamps(directory: Path) -> tuple[Any, ...] | None:
     """(inode, size, mtime) of a run directory and its files; None if it is gone."""
     try:
         with os.scandir(directory) as entries:
-            files = sorted((e.name, e.inode(), e.stat().st_size, e.stat().st_mtime_ns)
-                           for e in entries)  # fmt: skip
-        return (directory.stat().st_ino, *files)
+            files = [(e.name, e.inode(), e.stat().st_size, e.stat().st_mtime_ns) for e in entries]
+        return (directory.stat().st_ino, *sorted(files))
     except FileNotFoundError:
         return None
 
@@ -447,14 +446,15 @@ def _verify(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
             return None, f"{MANIFEST_FILE} is unreadable"
         for name in DATA_FILES:
             path = directory / name
-            if not isinstance(listed, dict) or name not in listed:
+            entry = listed.get(name) if isinstance(listed, dict) else None
+            if not isinstance(entry, dict):
                 return None, f"{MANIFEST_FILE} does not list {name}"
             if not path.exists():
                 return None, f"{name} is missing"
-            size, expected = path.stat().st_size, listed[name].get("size")
-            if size != expected:
-                return None, f"{name} has {size} bytes, its manifest says {expected}"
-            if _sha256(path) != listed[name].get("sha256"):
+            size = path.stat().st_size
+            if size != entry.get("size"):
+                return None, f"{name} has {size} bytes, its manifest says {entry.get('size')}"
+            if _sha256(path) != entry.get("sha256"):
                 return None, f"{name} does not match its checksum"
     else:
         for name in (RECORDS_FILE, SPECTRA_FILE):
