@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -254,3 +256,16 @@ def test_baselines_switched_off_are_not_computed() -> None:
     assert {"kernel0_test_loss", "infinite_test_loss"} <= with_baselines
     assert not any(q.startswith(("kernel0_", "infinite_")) for q in without)
     assert without == {q for q in with_baselines if not q.startswith(("kernel0_", "infinite_"))}
+
+
+def test_the_worker_initializer_module_loads_no_numerical_library() -> None:
+    # A spawned worker imports this module to run its initializer, which must set the
+    # thread variables before numpy, scipy or torch load.
+    script = (
+        "import sys, ntklens.sweep.executors; "
+        "print(sorted(m for m in ('numpy', 'scipy', 'torch', 'pandas') if m in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert completed.stdout.strip() == "[]"
