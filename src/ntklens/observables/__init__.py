@@ -46,7 +46,25 @@ from ntklens.observables.spectrum import (
     von_neumann_entropy,
 )
 
+SPECTRUM_KEYS = (
+    "trace",
+    "trace_per_size",
+    "entropy",
+    "entropy_cosine",
+    "entropy_normalized",
+    "diagonal_entropy",
+    "effective_rank",
+    "participation_ratio",
+)
+ALIGNMENT_KEYS = ("alignment", "alignment_centered")
+CHANGE_KEYS = ("change", "cosine_change")
+OBSERVABLE_KEYS = SPECTRUM_KEYS + ALIGNMENT_KEYS + CHANGE_KEYS
+
 __all__ = [
+    "ALIGNMENT_KEYS",
+    "CHANGE_KEYS",
+    "OBSERVABLE_KEYS",
+    "SPECTRUM_KEYS",
     "EigenvalueEstimate",
     "Estimate",
     "SpectralPosition",

@@ -38,7 +38,7 @@ from ntklens.models import WidthModel, build_model
 from ntklens.schema import RECORD_COLUMNS, RunResult, RunSpec, Spectrum
 from ntklens.train.baselines import infinite_baseline, infinite_probe, kernel0_baseline
 from ntklens.train.losses import LOSSES, LossFn, NonFiniteLoss, loss_targets, one_hot
-from ntklens.train.probes import Prober, Split, probe_steps
+from ntklens.train.probes import Prober, Split, position_batch, probe_steps
 
 OnProbe = Callable[[int, dict[str, float]], None]
 
@@ -310,15 +310,12 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
     data, model = setup.data, setup.model
     probe_one_hot = one_hot(data.probe_labels, data.n_classes, torch.float64)
     prober = Prober(
+        model,
         train=data.train,
         test=data.test,
         probe_x=data.probe_x,
         probe_one_hot=probe_one_hot,
-        position_batch=Split(
-            x=data.train.x[: spec.spectral_position_batch],
-            labels=data.train.labels[: spec.spectral_position_batch],
-            targets=data.train.targets[: spec.spectral_position_batch],
-        ),
+        position_batch=position_batch(data.train, spec.spectral_position_batch),
         loss_fn=setup.loss_fn,
         kernel_output=spec.kernel_output,
     )
