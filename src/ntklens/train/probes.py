@@ -158,7 +158,10 @@ class Probe:
     Cost: one eNTK on N probe points (N·K Jacobian rows plus an N² contraction) and two
     eigendecompositions of the kernel; the exact χ_net takes the diagonal blocks of the
     trace eNTK on the batch (Hutchinson: one vector-Jacobian product per probe), plus one
-    backward pass. ``benchmarks/train_speed.py`` measures it against a training step.
+    backward pass. ``benchmarks/train_speed.py`` measures it against a training step: for a
+    784→512→512→10 MLP, 100 probe points and a batch of 128, one probe cost about 10 training
+    steps (kernel ≈ 4, spectral position ≈ 6; one thread on a loaded 2-core machine), so a
+    log schedule of 4 per decade over 1,000 steps adds about 13 probes ≈ 13% of training.
     """
 
     def __init__(
