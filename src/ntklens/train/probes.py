@@ -7,7 +7,8 @@ the model in place, and returns one flat dict:
 * ``ntk_<key>`` for each key of :func:`ntklens.observables.kernel_observables` on the probe
   set (trace, entropies, effective ranks, alignment with ``y_probe``, and ``change`` /
   ``cosine_change`` since the first probe);
-* ``param_change`` = ‖θ − θ₀‖/‖θ₀‖ over all parameters, θ₀ fixed at the first probe;
+* ``param_change`` = ‖θ − θ₀‖/‖θ₀‖ over the trainable parameters, θ₀ fixed at the first
+  probe;
 * the spectral position on a batch (matrix-free): ``chi_pos``, ``chi_loss`` and ``chi_net`` in
   the seed authors' normalization for a mean-reduced loss (χ̃_loss = |B|·χ_loss,
   χ̃_net = χ_net/|B|, see :mod:`ntklens.observables.spectral_position`), the raw values as
@@ -251,7 +252,8 @@ class Probe:
         values: dict[str, float] = {}
         if self.observables:
             values.update(self._kernel_values(step))
-        theta = parameters_to_vector(self.model.parameters()).detach().double()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        theta = parameters_to_vector(trainable).detach().double()
         if self._theta0 is None:
             self._theta0 = theta
         values["param_change"] = float(
