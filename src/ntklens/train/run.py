@@ -271,11 +271,11 @@ def prepare(spec: RunSpec) -> RunSetup:
             "set momentum=0 for adam (its beta1 is fixed at 0.9)"
         )
     data = load_run_data(spec)
-    model: nn.Module = build_run_model(spec, data)
+    network = build_run_model(spec, data)
     n_steps = total_steps(spec, len(data.train.x))
-    optimizer, scheduler = build_optimizer(model, spec, n_steps)
-    if spec.center_output:  # the optimizer holds the network's own parameters
-        model = CenteredModel(model)
+    optimizer, scheduler = build_optimizer(network, spec, n_steps)
+    # Centering wraps the network after the optimizer took its parameters.
+    model = CenteredModel(network) if spec.center_output else network
     loss_fn = LOSSES[spec.loss]
     loop = TrainingLoop(
         model,
@@ -305,6 +305,10 @@ def _failure_message(spec: RunSpec, error: Exception, step: int, n_steps: int) -
 def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
     """Train the run of ``spec``, probing on its schedule; kernel baselines at the end.
 
+    The last probe (at the cap, or where the spec's stopping rule of
+    :mod:`ntklens.train.stopping` is met) also records ``stopped_step``, ``stop_met`` (1 or 0;
+    only with a rule) and the kernel baselines the spec asks for. With ``center_output`` the
+    network trained and probed is :class:`~ntklens.models.centering.CenteredModel`.
     ``on_probe(step, values)`` is called after each probe with that probe's quantities.
     User errors raise before training; a failure during training returns a result with
     ``status="failed"``, a one-line ``error``, ``failed_step`` and the records so far.
