@@ -160,9 +160,10 @@ class Probe:
     eigendecompositions of the kernel; the exact χ_net takes the diagonal blocks of the
     trace eNTK on the batch (Hutchinson: one vector-Jacobian product per probe), plus one
     backward pass. ``benchmarks/train_speed.py`` measures it against a training step: for a
-    784→512→512→10 MLP, 100 probe points and a batch of 128, one probe cost about 10 training
-    steps (kernel ≈ 4, spectral position ≈ 6; one thread on a loaded 2-core machine), so a
-    log schedule of 4 per decade over 1,000 steps adds about 13 probes ≈ 13% of training.
+    784→W→W→10 MLP, 100 probe points and a batch of 128, one probe cost about 10 training
+    steps at W = 512 and 15 at W = 128 (kernel ≈ 40%, spectral position ≈ 60%; one thread on
+    a loaded 2-core machine), so a log schedule of 4 per decade over 1,000 steps (13 probes)
+    adds roughly 13–20% to training.
     """
 
     def __init__(
