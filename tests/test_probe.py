@@ -238,3 +238,18 @@ def test_the_built_in_run_records_what_a_probe_measures() -> None:
     )
     full = flatten(ntk(model, data.probe_x))
     assert recorded["ntk_trace"] == pytest.approx(float(full.trace()), rel=1e-12)
+
+
+def test_probe_leaves_a_batchnorm_model_as_it_was() -> None:
+    """The probe measures in eval mode: training flags and running statistics are untouched."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model = model.double().train()
+    x, y = toy_data(10)
+    stats = [b.clone() for b in model.buffers()]
+    values = Probe(model, x, y)(0, batch=(x, y), loss_fn=F.cross_entropy)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers(), strict=True))
+    model.eval()
+    direct = kernel_observables(ntk(model, x, output="trace"), one_hot(y, 3, torch.float64))
+    assert values["ntk_trace"] == pytest.approx(direct["trace"], rel=1e-12)
