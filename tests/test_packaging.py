@@ -7,6 +7,7 @@ import ast
 import re
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +23,31 @@ DISTRIBUTIONS = {
 DEV_EXTRAS = {"dev"}  # tools for the test suite; nothing under src/ may need them
 
 
-def third_party_imports() -> dict[str, list[tuple[Path, int, bool]]]:
-    """Top-level module -> (file, line, imported at module level) for every import."""
-    found: dict[str, list[tuple[Path, int, bool]]] = {}
+@dataclass(frozen=True)
+class Import:
+    """One import statement's top-level module, where it is, and how it runs."""
+
+    path: Path
+    line: int
+    eager: bool  # runs when its module is imported (not inside a function)
+    guarded: bool  # inside a try whose handler catches ImportError
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _catches_import_error(node: ast.Try) -> bool:
+    names = {ast.unparse(handler.type) for handler in node.handlers if handler.type is not None}
+    return bool(names & {"ImportError", "ModuleNotFoundError"})
+
+
+def scan() -> tuple[dict[str, list[Import]], dict[str, set[str]]]:
+    """Third-party imports by top-level module, and the ntklens modules each src module
+    imports eagerly."""
+    found: dict[str, list[Import]] = {}
+    eager_ntklens: dict[str, set[str]] = {}
     for path in sorted(SOURCE.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         top_level = {id(node) for node in tree.body}
@@ -40,6 +63,13 @@ def third_party_imports() -> dict[str, list[tuple[Path, int, bool]]]:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
             for child in ast.walk(node)
         }
+        guarded = {
+            id(child)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Try) and _catches_import_error(node)
+            for statement in node.body
+            for child in ast.walk(statement)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -49,13 +79,23 @@ def third_party_imports() -> dict[str, list[tuple[Path, int, bool]]]:
                 continue
             if id(node) in type_checking:
                 continue
+            eager = id(node) in top_level
             for name in names:
                 module = name.split(".")[0]
-                if module in sys.stdlib_module_names or module == "ntklens":
+                if module == "ntklens":
+                    if eager:
+                        eager_ntklens.setdefault(module_name(path), set()).add(name)
                     continue
-                eager = id(node) in top_level
-                found.setdefault(module, []).append((path, node.lineno, eager))
-    return found
+                if module in sys.stdlib_module_names:
+                    continue
+                found.setdefault(module, []).append(
+                    Import(path, node.lineno, eager, id(node) in guarded)
+                )
+    return found, eager_ntklens
+
+
+def third_party_imports() -> dict[str, list[Import]]:
+    return scan()[0]
 
 
 def requirement_name(requirement: str) -> str:
@@ -82,8 +122,8 @@ def distribution(module: str) -> str:
 def test_the_scan_finds_the_imports_it_should() -> None:
     imports = third_party_imports()
     # Known eager and lazy imports: the scan itself must see both kinds.
-    assert any(eager for _, _, eager in imports["numpy"])
-    assert not any(eager for _, _, eager in imports["sklearn"])  # lazy in data/registry.py
+    assert any(place.eager for place in imports["numpy"])
+    assert not any(place.eager for place in imports["sklearn"])  # lazy in data/registry.py
     assert distribution("sklearn") == "scikit-learn"
 
 
@@ -91,21 +131,24 @@ def test_every_third_party_import_is_declared() -> None:
     required, extras = declared()
     optional = set().union(*(names for extra, names in extras.items() if extra not in DEV_EXTRAS))
     undeclared = {
-        module: f"{path.relative_to(ROOT)}:{line}"
+        module: f"{places[0].path.relative_to(ROOT)}:{places[0].line}"
         for module, places in third_party_imports().items()
-        for path, line, _ in places[:1]
         if distribution(module) not in required | optional
     }
     assert not undeclared, f"imported but not in pyproject.toml: {undeclared}"
 
 
 def test_optional_extras_are_imported_lazily() -> None:
+    """An optional dependency is imported inside a function, or at the top of an adapter
+    module made for it (guarded, with an install hint) that no other module imports."""
     required, _ = declared()
+    imports, eager_ntklens = scan()
+    imported_eagerly = set().union(*eager_ntklens.values())
     eager = {
-        module: f"{path.relative_to(ROOT)}:{line}"
-        for module, places in third_party_imports().items()
+        module: f"{place.path.relative_to(ROOT)}:{place.line}"
+        for module, places in imports.items()
         if distribution(module) not in required
-        for path, line, at_module_level in places
-        if at_module_level
+        for place in places
+        if place.eager and not (place.guarded and module_name(place.path) not in imported_eagerly)
     }
-    assert not eager, f"optional dependencies imported at module level: {eager}"
+    assert not eager, f"optional dependencies imported when ntklens is imported: {eager}"
