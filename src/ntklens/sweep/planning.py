@@ -312,13 +312,22 @@ def check_runs(specs: Sequence[RunSpec], label: str = "config") -> None:
             key, value, fix = (
                 ("sweep.widths", f"width {worst.width}", "use smaller widths")
                 if width_driven >= data_driven
-                else ("sweep.n_train", f"n_train {worst.n_train}", "use a smaller n_train")
+                else ("sweep.n_train", f"n_train {worst.n_train}", _data_fix(worst))
             )
             raise ConfigError(
                 f"{label}: {key}: a run at {value} needs ~{_size(width_driven + data_driven)} "
                 f"of memory (estimated from shapes), more than the {_size(total)} of this "
                 f"machine ({device}); {fix}"
             )
+
+
+def _data_fix(spec: RunSpec) -> str:
+    if spec.kernel0_baseline or spec.infinite_baseline:
+        return (
+            "use a smaller n_train, or switch off the kernel baselines "
+            "([baselines] kernel0 = false, infinite = false), whose n × n kernels dominate"
+        )
+    return "use a smaller n_train"
 
 
 def _size(n_bytes: float) -> str:
