@@ -1,8 +1,10 @@
-"""Width-parameterized MLP and CNN families under explicit parameterizations.
+"""Width-parameterized MLP and CNN families, the building blocks of your own, and factories.
 
-:func:`build_model` makes a :class:`WidthModel`; its weights are plain ``nn.Linear`` and
+:func:`build_model` makes a :class:`WidthModel` of a built-in family, or calls your
+factory (see :mod:`ntklens.models.factory`); the weights are plain ``nn.Linear`` and
 ``nn.Conv2d`` modules wrapped by fixed forward multipliers, so hooks and ``torch.func``
-work on it unchanged. :meth:`WidthModel.param_groups` gives the per-layer learning rates.
+work on them unchanged. :mod:`ntklens.models.layers` holds those blocks for your own
+networks, and :func:`param_groups` gives the per-layer learning rates of any model.
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from ntklens.errors import NtkLensError
+from ntklens.models import layers
 from ntklens.models.cnn import ConvNet
+from ntklens.models.factory import model_from_factory
+from ntklens.models.layers import param_groups
 from ntklens.models.mlp import MLP
 from ntklens.models.parameterization import ABC_TABLE
 from ntklens.models.width_model import ACTIVATIONS, WidthModel, count_flops, count_parameters
-from ntklens.schema import PARAMETERIZATIONS
+from ntklens.schema import PARAMETERIZATIONS, is_reference
 
 FAMILIES: dict[str, type[WidthModel]] = {"mlp": MLP, "cnn": ConvNet}
 FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -34,6 +41,9 @@ __all__ = [
     "build_model",
     "count_flops",
     "count_parameters",
+    "layers",
+    "model_from_factory",
+    "param_groups",
 ]
 
 
@@ -50,13 +60,26 @@ def build_model(
     bias_std: float | None = None,
     seed: int = 0,
     **family_options: Any,
-) -> WidthModel:
-    """A ``family`` ("mlp" | "cnn") network, initialized from ``seed``.
+) -> nn.Module:
+    """A ``family`` ("mlp" | "cnn") network, or your factory's, initialized from ``seed``.
 
     ``depth`` counts hidden layers (conv blocks for "cnn"); ``weight_std`` defaults to √2
     for ReLU and 1 otherwise, ``bias_std`` to 0.1. ``family_options`` go to the family:
     "cnn" takes ``kernel_size`` (3), ``padding`` (1) and ``pooling`` ("none" | "avg" | "max").
+    A ``family`` "package.module:function" (or "file.py:function") is a factory, called
+    with ``width``, ``parameterization``, ``n_classes=n_outputs``, ``input_shape=in_shape``
+    and ``family_options`` (``depth``, ``activation`` and the stds are the families' own).
     """
+    if is_reference(family):
+        return model_from_factory(
+            family,
+            width=width,
+            parameterization=parameterization,
+            n_classes=n_outputs,
+            input_shape=in_shape,
+            options=family_options,
+            seed=seed,
+        )
     if family not in FAMILIES:
         raise NtkLensError(f"unknown model family {family!r}; choose one of mlp, cnn")
     unknown = sorted(set(family_options) - set(FAMILY_OPTIONS[family]))
