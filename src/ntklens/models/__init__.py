@@ -22,7 +22,7 @@ from ntklens.models.layers import param_groups
 from ntklens.models.mlp import MLP
 from ntklens.models.parameterization import ABC_TABLE
 from ntklens.models.width_model import ACTIVATIONS, WidthModel, count_flops, count_parameters
-from ntklens.schema import PARAMETERIZATIONS, is_reference
+from ntklens.schema import PARAMETERIZATIONS, RunSpec, is_reference
 
 FAMILIES: dict[str, type[WidthModel]] = {"mlp": MLP, "cnn": ConvNet}
 FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -39,6 +39,7 @@ __all__ = [
     "ConvNet",
     "WidthModel",
     "build_model",
+    "build_spec_model",
     "count_flops",
     "count_parameters",
     "layers",
@@ -97,4 +98,35 @@ def build_model(
         bias_std=bias_std,
         seed=seed,
         **family_options,
+    )
+
+
+def build_spec_model(spec: RunSpec, in_shape: Sequence[int], n_outputs: int) -> nn.Module:
+    """The network of a run: its family or factory with the spec's options, seeded by it.
+
+    A factory gets ``spec.model_kwargs`` as its ``**options`` (any names, ``depth``
+    included); a family gets the spec's depth, activation and stds, and the options.
+    """
+    if is_reference(spec.model):
+        return model_from_factory(
+            spec.model,
+            width=spec.width,
+            parameterization=spec.parameterization,
+            n_classes=n_outputs,
+            input_shape=in_shape,
+            options=spec.model_kwargs,
+            seed=spec.seed,
+        )
+    return build_model(
+        spec.model,
+        width=spec.width,
+        depth=spec.depth,
+        in_shape=in_shape,
+        n_outputs=n_outputs,
+        parameterization=spec.parameterization,
+        activation=spec.activation,
+        weight_std=spec.weight_std,
+        bias_std=spec.bias_std,
+        seed=spec.seed,
+        **spec.model_kwargs,
     )

@@ -23,7 +23,7 @@ from torch import nn
 
 from ntklens.data import load_dataset
 from ntklens.errors import ConfigError, DataError
-from ntklens.models import build_model, count_flops, count_parameters
+from ntklens.models import build_model, build_spec_model, count_flops, count_parameters
 from ntklens.models.factory import check_output_shape
 from ntklens.schema import RunSpec, is_reference
 from ntklens.sweep.config import DATASET_FACTS, StudyConfig
@@ -164,19 +164,7 @@ def check_specs(specs: list[RunSpec]) -> None:
         architectures.setdefault(key, spec)
     for spec in architectures.values():
         in_shape, k, _ = data_shape(spec)
-        model = build_model(
-            spec.model,
-            width=spec.width,
-            depth=spec.depth,
-            in_shape=in_shape,
-            n_outputs=k,
-            parameterization=spec.parameterization,
-            activation=spec.activation,
-            weight_std=spec.weight_std,
-            bias_std=spec.bias_std,
-            seed=spec.seed,
-            **spec.model_kwargs,
-        )
+        model = build_spec_model(spec, in_shape, k)
         check_output_shape(model, spec.model, in_shape, k)
 
 
@@ -192,13 +180,7 @@ class ModelCost:
 
 @cache
 def model_cost(
-    family: str,
-    width: int,
-    depth: int,
-    in_shape: tuple[int, ...],
-    n_outputs: int,
-    parameterization: str = "standard",
-    options: str = "{}",
+    family: str, width: int, depth: int, in_shape: tuple[int, ...], n_outputs: int
 ) -> ModelCost:
     """The costs of an architecture, from the model itself (built once per architecture).
 
@@ -206,15 +188,16 @@ def model_cost(
     a full kernel), except that a Linear layer's share is a product of Grams of its inputs
     and output gradients, 2·(in + K·out) (the layerwise method picks the cheaper).
     """
-    model = build_model(
-        family,
-        width=width,
-        depth=depth,
-        in_shape=in_shape,
-        n_outputs=n_outputs,
-        parameterization=parameterization,
-        **json.loads(options),
-    )
+    model = build_model(family, width=width, depth=depth, in_shape=in_shape, n_outputs=n_outputs)
+    return _cost(model, in_shape, n_outputs)
+
+
+@cache
+def _spec_model_cost(spec: RunSpec, in_shape: tuple[int, ...], n_outputs: int) -> ModelCost:
+    return _cost(build_spec_model(spec, in_shape, n_outputs), in_shape, n_outputs)
+
+
+def _cost(model: nn.Module, in_shape: tuple[int, ...], n_outputs: int) -> ModelCost:
     params = count_parameters(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     linear_params = sum(count_parameters(m) for m in linears)
@@ -232,10 +215,11 @@ def model_cost(
 def spec_cost(spec: RunSpec) -> ModelCost:
     """The :class:`ModelCost` of the run's architecture."""
     in_shape, k, _ = data_shape(spec)
-    options = spec.model_options
-    return model_cost(
-        spec.model, spec.width, spec.depth, in_shape, k, spec.parameterization, options
-    )
+    if not is_reference(spec.model) and not spec.model_kwargs:
+        return model_cost(spec.model, spec.width, spec.depth, in_shape, k)
+    architecture = {"seed": 0, "lr": 1.0, "n_train": 1, "steps": 1, "epochs": None,
+                    "study": None}  # fmt: skip
+    return _spec_model_cost(spec.model_copy(update=architecture), in_shape, k)
 
 
 def estimate_flops(spec: RunSpec) -> float:

@@ -34,7 +34,7 @@ from ntklens.data import (
 )
 from ntklens.errors import ConfigError, DataError
 from ntklens.infinite import infinite_kernel_for
-from ntklens.models import build_model, param_groups
+from ntklens.models import build_spec_model, param_groups
 from ntklens.schema import RECORD_COLUMNS, RunResult, RunSpec, Spectrum
 from ntklens.train.baselines import infinite_baseline, infinite_probe, kernel0_baseline
 from ntklens.train.losses import LOSSES, LossFn, NonFiniteLoss, loss_targets, one_hot
@@ -243,19 +243,7 @@ class RunSetup:
 
 def build_run_model(spec: RunSpec, data: RunData) -> nn.Module:
     """The spec's network for ``data``, initialized from ``spec.seed``, on its device/dtype."""
-    model = build_model(
-        spec.model,
-        width=spec.width,
-        depth=spec.depth,
-        in_shape=tuple(data.train.x.shape[1:]),
-        n_outputs=data.n_classes,
-        parameterization=spec.parameterization,
-        activation=spec.activation,
-        weight_std=spec.weight_std,
-        bias_std=spec.bias_std,
-        seed=spec.seed,
-        **spec.model_kwargs,
-    )
+    model = build_spec_model(spec, tuple(data.train.x.shape[1:]), data.n_classes)
     return model.to(device=data.train.x.device, dtype=data.train.x.dtype)
 
 
