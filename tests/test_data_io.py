@@ -605,9 +605,9 @@ def test_npz_shape_flows_into_the_plan_and_the_run(tmp_path: Path) -> None:
     x = arrays["x"].astype(np.float32).astype(np.float64)
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     std = x.std(axis=(0, 2, 3), keepdims=True, ddof=1)
-    expected = ((x - mean) / std).reshape(60, 1, -1)
+    expected = ((x - mean) / std).reshape(60, -1)
     got = large.train.x.flatten(1).double().numpy()
-    distance = np.abs(got[None] - expected.transpose(1, 0, 2)).max(axis=2)  # (30, 60)
+    distance = np.abs(got[:, None] - expected[None]).max(axis=2)  # (30, 60)
     assert (distance.min(axis=1) < 1e-5).all()  # every row is a standardized input
     assert len(set(distance.argmin(axis=1))) == 30  # of 30 different inputs
     assert large.probe_x.shape == (12, 3, 5, 5)
