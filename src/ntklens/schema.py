@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ntklens.errors import ConfigError
 
+VERSION = "0.1.0"  # of the package (pyproject.toml): ``ntklens.__version__``, stamped on runs
+
 Parameterization = Literal["standard", "ntk", "mup"]
 KernelOutput = Literal["full", "trace"]
 KernelMethod = Literal["auto", "jacobian", "vector-products", "layerwise"]
