@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -239,3 +240,56 @@ def test_factory_seed_fixes_the_init_and_spares_the_global_rng(factories: Path) 
     assert torch.equal(torch.random.get_rng_state(), state)
     pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "own_model_sweep.toml"
+
+
+def test_the_example_study_plans_the_resnet_over_widths_and_parameterizations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(REPO)
+    specs = plan(load_config(EXAMPLE))
+    widths = sorted({s.width for s in specs})
+    assert len(widths) >= 3
+    assert {(s.parameterization, s.width) for s in specs} == {
+        (p, w) for p in ("standard", "mup") for w in widths
+    }
+    assert {s.model for s in specs} == {f"{REPO / 'examples' / 'resnet_factory.py'}:resnet"}
+    model = build_model(specs[0].model, width=8, depth=1, in_shape=(1, 28, 28), n_outputs=10)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.slow
+def test_the_example_sweep_runs_resumes_and_is_reported_by_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example at small sizes: digits, 3 widths × standard and μP, a few steps."""
+    monkeypatch.chdir(REPO)
+    text = EXAMPLE.read_text()
+    for old, new in (
+        ('dataset = "fashion-mnist"', 'dataset = "digits"'),
+        ("n_test = 500", "n_test = 60"),
+        ("n = 50", "n = 20"),
+        ("n_train = [256]", "n_train = [40]"),
+        ("steps = 200", "steps = 4"),
+        ("batch_size = 64", "batch_size = 20"),
+        ("widths = [8, 16, 32, 64]", "widths = [4, 8, 16]"),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "small.toml"
+    config.write_text(text)
+    store = tmp_path / "store"
+    runner = CliRunner()
+    first = runner.invoke(app, ["sweep", str(config), "--store", str(store), "-w", "2", "-q"])
+    assert first.exit_code == 0, first.output
+    assert "6 runs, 0 already stored, 6 ok, 0 failed" in first.output
+    again = runner.invoke(app, ["sweep", str(config), "--store", str(store), "-q"])
+    assert "6 runs, 6 already stored" in again.output
+    report = runner.invoke(app, ["report", str(store), "--format", "json"])
+    assert report.exit_code == 0, report.output
+    families = set(json.loads(report.output)["families"])
+    reference = f"{REPO / 'examples' / 'resnet_factory.py'}:resnet"
+    assert families == {f"{reference}/standard", f"{reference}/mup"}
