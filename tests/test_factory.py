@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ntklens.cli import app
 from ntklens.errors import ConfigError
-from ntklens.models import build_model, layers, param_groups
+from ntklens.models import build_model, build_spec_model, layers, model_from_factory, param_groups
 from ntklens.schema import RunSpec
 from ntklens.sweep.config import load_config
 from ntklens.sweep.planning import plan, plan_table
@@ -234,7 +234,9 @@ def test_factory_seed_fixes_the_init_and_spares_the_global_rng(factories: Path) 
     reference = f"{factories}:good"
     state = torch.random.get_rng_state()
     a, b, c = (
-        build_model(reference, width=8, depth=1, in_shape=(1, 8, 8), n_outputs=10, seed=s)
+        model_from_factory(
+            reference, width=8, parameterization="mup", n_classes=10, input_shape=(1, 8, 8), seed=s
+        )
         for s in (1, 1, 2)
     )
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -257,7 +259,7 @@ def test_the_example_study_plans_the_resnet_over_widths_and_parameterizations(
         (p, w) for p in ("standard", "mup") for w in widths
     }
     assert {s.model for s in specs} == {f"{REPO / 'examples' / 'resnet_factory.py'}:resnet"}
-    model = build_model(specs[0].model, width=8, depth=1, in_shape=(1, 28, 28), n_outputs=10)
+    model = build_spec_model(specs[-1], (1, 28, 28), 10)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ntklens.errors import ConfigError
+from ntklens.errors import ConfigError, describe
 
 VERSION = "0.1.0"  # of the package (pyproject.toml): ``ntklens.__version__``, stamped on runs
 
@@ -88,10 +88,9 @@ def load_reference(reference: str, what: str) -> Callable[..., Any]:
     except ConfigError:
         raise
     except Exception as error:
-        detail = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"{what} {reference!r}: cannot import {module_name} ({type(error).__name__}: "
-            f"{detail}); put it on PYTHONPATH or give 'path/to/file.py:function'"
+            f"{what} {reference!r}: cannot import {module_name} ({describe(error)}); "
+            "put it on PYTHONPATH or give 'path/to/file.py:function'"
         ) from error
     target: Any = module
     for part in attribute.split("."):

@@ -165,12 +165,5 @@ def dataset_from_arrays(
         test = torch.from_numpy(np.sort(order[:n_held]))
         train = torch.from_numpy(np.sort(order[n_held:]))
         x_train, y_train, x_test_t, y_test_t = x_all[train], y_all[train], x_all[test], y_all[test]
-    return Dataset(
-        name=name,
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test_t,
-        y_test=y_test_t,
-        n_classes=n_classes,
-        class_names=tuple(str(c) for c in range(n_classes)),
-    )
+    class_names = tuple(str(c) for c in range(n_classes))
+    return Dataset(name, x_train, y_train, x_test_t, y_test_t, n_classes, class_names)

@@ -31,7 +31,7 @@ from ntklens.data.download import (
 from ntklens.data.formats import read_cifar_batch, read_cifar_label_names, read_idx, read_npz
 from ntklens.data.subsets import stratified_permutation
 from ntklens.data.synthetic import teacher_task
-from ntklens.errors import ConfigError, DataError, DataNotFoundError
+from ntklens.errors import ConfigError, DataError, DataNotFoundError, describe
 from ntklens.schema import is_reference, load_reference
 
 DATA_ENV = "NTKLENS_DATA"
@@ -392,9 +392,8 @@ def dataset_from_factory(reference: str, **options: Any) -> Dataset:
     try:
         made = factory(**options)
     except Exception as error:
-        detail = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"{what} {reference!r} raised {type(error).__name__}: {detail}; fix the factory"
+            f"{what} {reference!r} raised {describe(error)}; fix the factory"
         ) from error
     if isinstance(made, Dataset):
         return made

@@ -62,27 +62,19 @@ def build_model(
     seed: int = 0,
     **family_options: Any,
 ) -> nn.Module:
-    """A ``family`` ("mlp" | "cnn") network, or your factory's, initialized from ``seed``.
+    """A ``family`` ("mlp" | "cnn") network, initialized from ``seed``.
 
     ``depth`` counts hidden layers (conv blocks for "cnn"); ``weight_std`` defaults to √2
     for ReLU and 1 otherwise, ``bias_std`` to 0.1. ``family_options`` go to the family:
     "cnn" takes ``kernel_size`` (3), ``padding`` (1) and ``pooling`` ("none" | "avg" | "max").
-    A ``family`` "package.module:function" (or "file.py:function") is a factory, called
-    with ``width``, ``parameterization``, ``n_classes=n_outputs``, ``input_shape=in_shape``
-    and ``family_options`` (``depth``, ``activation`` and the stds are the families' own).
+    Your own model: :func:`build_spec_model` (a run's family or factory) or
+    :func:`~ntklens.models.factory.model_from_factory`.
     """
-    if is_reference(family):
-        return model_from_factory(
-            family,
-            width=width,
-            parameterization=parameterization,
-            n_classes=n_outputs,
-            input_shape=in_shape,
-            options=family_options,
-            seed=seed,
-        )
     if family not in FAMILIES:
-        raise NtkLensError(f"unknown model family {family!r}; choose one of mlp, cnn")
+        raise NtkLensError(
+            f"unknown model family {family!r}; choose one of mlp, cnn, or give a factory "
+            "'package.module:function' to build_spec_model"
+        )
     unknown = sorted(set(family_options) - set(FAMILY_OPTIONS[family]))
     if unknown:
         allowed = ", ".join(FAMILY_OPTIONS[family]) or "none"
@@ -107,26 +99,20 @@ def build_spec_model(spec: RunSpec, in_shape: Sequence[int], n_outputs: int) -> 
     A factory gets ``spec.model_kwargs`` as its ``**options`` (any names, ``depth``
     included); a family gets the spec's depth, activation and stds, and the options.
     """
+    common = {"width": spec.width, "parameterization": spec.parameterization, "seed": spec.seed}
     if is_reference(spec.model):
+        options = spec.model_kwargs
         return model_from_factory(
-            spec.model,
-            width=spec.width,
-            parameterization=spec.parameterization,
-            n_classes=n_outputs,
-            input_shape=in_shape,
-            options=spec.model_kwargs,
-            seed=spec.seed,
+            spec.model, n_classes=n_outputs, input_shape=in_shape, options=options, **common
         )
     return build_model(
         spec.model,
-        width=spec.width,
         depth=spec.depth,
         in_shape=in_shape,
         n_outputs=n_outputs,
-        parameterization=spec.parameterization,
         activation=spec.activation,
         weight_std=spec.weight_std,
         bias_std=spec.bias_std,
-        seed=spec.seed,
+        **common,
         **spec.model_kwargs,
     )

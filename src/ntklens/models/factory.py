@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntklens.errors import ConfigError
+from ntklens.errors import ConfigError, describe
 from ntklens.schema import PARAMETERIZATIONS, load_reference
 
 WHAT = "model factory"
@@ -90,9 +90,8 @@ def model_from_factory(
         try:
             model = factory(**arguments, **options)
         except Exception as error:
-            detail = (str(error).strip().splitlines() or [""])[0]
             raise ConfigError(
-                f"{WHAT} {reference!r} raised {type(error).__name__}: {detail} (width={width}, "
+                f"{WHAT} {reference!r} raised {describe(error)} (width={width}, "
                 f"parameterization={parameterization!r}); fix the factory"
             ) from error
     if not isinstance(model, nn.Module):
@@ -116,10 +115,9 @@ def check_output_shape(
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as error:
-        detail = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError(
             f"{WHAT} {reference!r}: the model fails on inputs of shape {tuple(x.shape)} "
-            f"({type(error).__name__}: {detail}); make it take input_shape={tuple(input_shape)}"
+            f"({describe(error)}); make it take input_shape={tuple(input_shape)}"
         ) from error
     finally:
         model.train(was_training)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -106,6 +106,16 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+class ScaleOptions(TypedDict, total=False):
+    """The keyword options of every block (see :class:`Linear` for their defaults)."""
+
+    parameterization: str
+    kind: str
+    weight_std: float | None
+    bias_std: float | None
+    generator: torch.Generator | None
+
+
 class Scaled(nn.Sequential):
     """A weight layer between its forward multipliers; ``lr_scales`` maps the names of its
     parameters to their per-optimizer learning-rate scales (read by :func:`param_groups`)."""
@@ -116,11 +126,11 @@ class Scaled(nn.Sequential):
         *,
         fan_in: int,
         width: int,
-        parameterization: str,
-        kind: str,
-        weight_std: float | None,
-        bias_std: float | None,
-        generator: torch.Generator | None,
+        parameterization: str = "standard",
+        kind: str = "hidden",
+        weight_std: float | None = None,
+        bias_std: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         width = _positive("width", width)
         parameterization = _check("parameterization", parameterization, PARAMETERIZATIONS)
@@ -155,39 +165,24 @@ class Scaled(nn.Sequential):
 class Linear(Scaled):
     """``h = m_w · W x + m_b · b`` with ``W`` of shape (out, in), scaled at ``width``.
 
-    ``weight_std`` defaults to √2 (He, for ReLU), ``bias_std`` to 0.1; ``generator`` seeds
-    the init (None: torch's global generator).
+    ``options`` (:class:`ScaleOptions`): ``parameterization`` ("standard"), ``kind``
+    ("hidden"), ``weight_std`` (√2, He for ReLU), ``bias_std`` (0.1) and ``generator``
+    (None: torch's global generator) for the init.
     """
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        width: int,
-        parameterization: str = "standard",
-        kind: str = "hidden",
-        weight_std: float | None = None,
-        bias_std: float | None = None,
-        generator: torch.Generator | None = None,
+        self, in_features: int, out_features: int, *, width: int, **options: Unpack[ScaleOptions]
     ) -> None:
         in_features = _positive("in_features", in_features)
         out_features = _positive("out_features", out_features)
-        super().__init__(
-            partial(skip_init, nn.Linear, in_features, out_features),
-            fan_in=in_features,
-            width=width,
-            parameterization=parameterization,
-            kind=kind,
-            weight_std=weight_std,
-            bias_std=bias_std,
-            generator=generator,
-        )
+        make = partial(skip_init, nn.Linear, in_features, out_features)
+        super().__init__(make, fan_in=in_features, width=width, **options)
 
 
 class Conv2d(Scaled):
     """A 2-D convolution ``h = m_w · W * x + m_b · b`` (fan-in ``C_in · k²``), scaled at
-    ``width``; ``stride``, ``padding`` and ``groups`` as in ``nn.Conv2d``."""
+    ``width``; ``stride``, ``padding`` and ``groups`` as in ``nn.Conv2d``, ``options`` as
+    for :class:`Linear`."""
 
     def __init__(
         self,
@@ -196,14 +191,10 @@ class Conv2d(Scaled):
         kernel_size: int,
         *,
         width: int,
-        parameterization: str = "standard",
-        kind: str = "hidden",
         stride: int = 1,
         padding: int = 0,
         groups: int = 1,
-        weight_std: float | None = None,
-        bias_std: float | None = None,
-        generator: torch.Generator | None = None,
+        **options: Unpack[ScaleOptions],
     ) -> None:
         in_channels = _positive("in_channels", in_channels)
         out_channels = _positive("out_channels", out_channels)
@@ -218,40 +209,16 @@ class Conv2d(Scaled):
             padding=padding,
             groups=groups,
         )
-        super().__init__(
-            make,
-            fan_in=in_channels // groups * kernel_size**2,
-            width=width,
-            parameterization=parameterization,
-            kind=kind,
-            weight_std=weight_std,
-            bias_std=bias_std,
-            generator=generator,
-        )
+        fan_in = in_channels // groups * kernel_size**2
+        super().__init__(make, fan_in=fan_in, width=width, **options)
 
 
 def readout(
-    in_features: int,
-    n_classes: int,
-    *,
-    width: int,
-    parameterization: str = "standard",
-    weight_std: float | None = None,
-    bias_std: float | None = None,
-    generator: torch.Generator | None = None,
+    in_features: int, n_classes: int, *, width: int, **options: Unpack[ScaleOptions]
 ) -> Linear:
     """The output layer (``kind="output"``): under μP its multiplier is ``n^-1/2`` and its
-    bias keeps a constant scale."""
-    return Linear(
-        in_features,
-        n_classes,
-        width=width,
-        parameterization=parameterization,
-        kind="output",
-        weight_std=weight_std,
-        bias_std=bias_std,
-        generator=generator,
-    )
+    bias keeps a constant scale; ``options`` as for :class:`Linear` (but ``kind``)."""
+    return Linear(in_features, n_classes, width=width, kind="output", **options)
 
 
 class BatchNorm2d(nn.BatchNorm2d):

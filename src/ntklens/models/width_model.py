@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import torch
 from torch import nn
@@ -45,6 +45,20 @@ def _choice(name: str, value: object, allowed: Sequence[str]) -> str:
     return str(value)
 
 
+class FamilyArguments(TypedDict, total=False):
+    """What every width family takes; see :func:`ntklens.models.build_model`."""
+
+    width: Required[int]
+    depth: Required[int]
+    in_shape: Required[Sequence[int]]
+    n_outputs: Required[int]
+    parameterization: str
+    activation: str
+    weight_std: float | None
+    bias_std: float | None
+    seed: int
+
+
 class WidthModel(nn.Module):
     """A network whose width ``n`` scales under an explicit abc-parameterization.
 
@@ -63,12 +77,18 @@ class WidthModel(nn.Module):
         *,
         width: int,
         depth: int,
-        parameterization: str,
-        activation: str,
-        weight_std: float | None,
-        bias_std: float | None,
+        in_shape: Sequence[int],
+        n_outputs: int,
+        parameterization: str = "standard",
+        activation: str = "relu",
+        weight_std: float | None = None,
+        bias_std: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.n_outputs = positive_int("n_outputs", n_outputs)
+        self.seed = seed
         self.width = positive_int("width", width)
         self.depth = positive_int("depth", depth)
         self.parameterization = _choice("parameterization", parameterization, PARAMETERIZATIONS)

@@ -26,7 +26,6 @@ from ntklens.sweep.config import StudyConfig, load_config, validate_config
 from ntklens.sweep.driver import SweepSummary, run_sweep
 from ntklens.sweep.executors import Executor
 from ntklens.sweep.planning import plan as plan_specs
-from ntklens.sweep.progress import SweepProgress
 
 StudyLike = str | os.PathLike[str] | Mapping[str, Any] | StudyConfig
 
@@ -62,22 +61,12 @@ def run_study(
     store: str | os.PathLike[str] | Store | None = None,
     *,
     executor: str | Executor = "local",
-    workers: int | None = None,
-    address: str | None = None,
-    force: bool = False,
-    retry_failed: bool = True,
-    progress: SweepProgress | None = None,
+    **options: Any,
 ) -> SweepSummary:
-    """Plan and run the study into ``store`` (default ``results/<name>``), skipping the
-    runs already stored; the options are those of :func:`ntklens.sweep.run_sweep`."""
+    """Plan and run the study into ``store`` (default ``results/<name>``), skipping the runs
+    already stored. ``executor`` is "local", "ray" or an :class:`Executor`; ``options``
+    (``workers``, ``address``, ``force``, ``retry_failed``, ``progress``) are those of
+    :func:`ntklens.sweep.run_sweep`."""
     study = study_config(config)
-    return run_sweep(
-        study,
-        store if store is not None else Path("results") / study.name,
-        executor=executor,
-        workers=workers,
-        address=address,
-        force=force,
-        retry_failed=retry_failed,
-        progress=progress,
-    )
+    target = store if store is not None else Path("results") / study.name
+    return run_sweep(study, target, executor=executor, **options)

@@ -170,7 +170,8 @@ def check_specs(specs: list[RunSpec]) -> None:
 
 @dataclass(frozen=True)
 class ModelCost:
-    """FLOPs of one architecture: a forward pass, and one pair of examples of an eNTK."""
+    """FLOPs of one architecture: a forward pass, and one pair of examples of an eNTK;
+    and its number of trainable parameters."""
 
     forward: float
     pair_trace: float
