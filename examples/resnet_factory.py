@@ -21,17 +21,26 @@ from torch import nn
 from ntklens.models import layers
 
 
+def _norm(norm: str, width: int, parameterization: str) -> nn.Module:
+    """BatchNorm ("batch") or none ("none", to see what the normalization changes)."""
+    if norm == "batch":
+        return layers.BatchNorm2d(width, width=width, parameterization=parameterization)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'batch' or 'none', got {norm!r}")
+
+
 class BasicBlock(nn.Module):
     """``relu(x + bn(conv(relu(bn(conv(x))))))`` at a constant number of channels."""
 
-    def __init__(self, width: int, parameterization: str) -> None:
+    def __init__(self, width: int, parameterization: str, norm: str = "batch") -> None:
         super().__init__()
         p = {"width": width, "parameterization": parameterization}
         # no conv biases: the BatchNorm shift that follows makes them redundant
         self.conv1 = layers.Conv2d(width, width, 3, padding=1, bias_std=0.0, **p)
-        self.norm1 = layers.BatchNorm2d(width, **p)
+        self.norm1 = _norm(norm, width, parameterization)
         self.conv2 = layers.Conv2d(width, width, 3, padding=1, bias_std=0.0, **p)
-        self.norm2 = layers.BatchNorm2d(width, **p)
+        self.norm2 = _norm(norm, width, parameterization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.norm1(self.conv1(x)))
@@ -49,6 +58,7 @@ class ResNet(nn.Module):
         n_classes: int,
         input_shape: Sequence[int],
         blocks: int = 2,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -57,8 +67,10 @@ class ResNet(nn.Module):
         self.stem = layers.Conv2d(
             input_shape[0], width, 3, padding=1, kind="input", bias_std=0.0, **p
         )
-        self.stem_norm = layers.BatchNorm2d(width, **p)
-        self.blocks = nn.Sequential(*[BasicBlock(width, parameterization) for _ in range(blocks)])
+        self.stem_norm = _norm(norm, width, parameterization)
+        self.blocks = nn.Sequential(
+            *[BasicBlock(width, parameterization, norm) for _ in range(blocks)]
+        )
         self.head = layers.readout(width, n_classes, **p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +85,8 @@ def resnet(
     n_classes: int,
     input_shape: Sequence[int],
     blocks: int = 2,
+    norm: str = "batch",
 ) -> ResNet:
-    """The factory of the sweep: one ResNet per (width, parameterization)."""
-    return ResNet(width, parameterization, n_classes, input_shape, blocks)
+    """The factory of the sweep: one ResNet per (width, parameterization); ``blocks``
+    residual blocks, ``norm`` "batch" (BatchNorm) or "none"."""
+    return ResNet(width, parameterization, n_classes, input_shape, blocks, norm)

@@ -638,3 +638,59 @@ def test_bad_npz_fails_at_plan_time_with_exit_2(
         assert result.exit_code == 2, result.output
         assert message in result.output and result.output.count("\n") == 1
     assert not store.exists()
+
+
+FACTORY_STUDY = """
+name = "own-data-factory"
+[data]
+factory = "{path}:as_tuple"
+options = {{ n = 60 }}
+n_test = 10
+[probe]
+n = 10
+[train]
+steps = 2
+[sweep]
+widths = [4]
+n_train = [40]
+"""
+
+
+def test_data_factory_in_a_study_flows_its_shape_and_options(tmp_path: Path) -> None:
+    from ntklens.sweep.config import load_config
+    from ntklens.sweep.planning import data_shape, plan
+
+    path = tmp_path / "my_data.py"
+    path.write_text(DATA_FACTORIES)
+    config = tmp_path / "study.toml"
+    config.write_text(FACTORY_STUDY.format(path=path))
+    [spec] = plan(load_config(config))
+    assert spec.dataset == f"{path.resolve()}:as_tuple" and spec.data_kwargs == {"n": 60}
+    assert data_shape(spec) == ((6,), 2, 10)  # 60 rows: 48 train, 12 held out, n_test 10
+    too_many = config.read_text().replace("n_train = [40]", "n_train = [49]")
+    config.write_text(too_many)
+    with pytest.raises(NtkLensErrorType, match="49 exceeds the 48 training examples"):
+        plan(load_config(config))
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ('dataset = "digits"\noptions = { n = 3 }', "data.options"),
+        ('dataset = "digits"\nfactory = "{path}:as_tuple"', "data.dataset"),
+        ('dataset = "npz"', "data.path"),
+        ('factory = "not a reference"', "data.factory"),
+    ],
+)
+def test_data_keys_that_do_not_go_together(tmp_path: Path, data: str, key: str) -> None:
+    from ntklens.errors import ConfigError
+    from ntklens.sweep.config import load_config
+
+    path = tmp_path / "my_data.py"
+    path.write_text(DATA_FACTORIES)
+    config = tmp_path / "study.toml"
+    config.write_text(
+        f"name = 'x'\n[data]\n{data.replace('{path}', str(path))}\n[sweep]\nwidths = [4]\nn_train = [8]\n"
+    )
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(config)
