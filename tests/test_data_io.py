@@ -689,8 +689,7 @@ def test_data_keys_that_do_not_go_together(tmp_path: Path, data: str, key: str) 
     path = tmp_path / "my_data.py"
     path.write_text(DATA_FACTORIES)
     config = tmp_path / "study.toml"
-    config.write_text(
-        f"name = 'x'\n[data]\n{data.replace('{path}', str(path))}\n[sweep]\nwidths = [4]\nn_train = [8]\n"
-    )
+    data = data.replace("{path}", str(path))
+    config.write_text(f"name = 'x'\n[data]\n{data}\n[sweep]\nwidths = [4]\nn_train = [8]\n")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(config)
