@@ -29,3 +29,5 @@ def test_api_reference_builds_strictly(tmp_path: Path) -> None:
         assert f'id="{name}"' in page
     studies = (tmp_path / "api" / "studies" / "index.html").read_text(encoding="utf-8")
     assert 'id="ntklens.sweep.api.run_study"' in studies
+    probe = (tmp_path / "api" / "probe" / "index.html").read_text(encoding="utf-8")
+    assert 'id="ntklens.train.probes.Probe"' in probe
