@@ -3,7 +3,7 @@
 PYTHON ?= python3
 OUT ?= results/quick
 
-.PHONY: install demo test test-fast test-slow check-install lint bench
+.PHONY: install demo test test-fast test-slow check-install lint bench docs
 
 install: .installed
 
@@ -35,3 +35,6 @@ bench: .installed
 	$(PYTHON) benchmarks/ntk_speed.py
 	$(PYTHON) benchmarks/train_speed.py
 	$(PYTHON) benchmarks/sweep_speed.py
+
+docs: .installed
+	$(PYTHON) -m mkdocs build --strict --site-dir build/site

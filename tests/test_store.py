@@ -278,7 +278,7 @@ def written(store: ntklens.store.Store, *widths: int) -> list[RunResult]:
     results = [make_result(width) for width in widths]
     with store.writer():
         for result in results:
-            store.write(result, study="damage-study")
+            store.write(result)
     return results
 
 
@@ -351,11 +351,17 @@ def test_the_manifest_lists_sizes_and_sha256(store: ntklens.store.Store) -> None
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def test_the_study_name_is_stored_outside_the_spec(store: ntklens.store.Store) -> None:
-    (result,) = written(store, 8)
+def test_the_study_name_is_stored_without_changing_the_run_id(
+    store: ntklens.store.Store,
+) -> None:
+    result = make_result(8)
+    spec = result.spec.model_copy(update={"study": "named-study"})
+    assert spec.run_id == result.run_id
+    with store.writer():
+        store.write(RunResult(spec=spec, run_id=spec.run_id, status="ok", records=result.records))
     document = json.loads((store.runs_dir / result.run_id / "run.json").read_text())
-    assert document["study"] == "damage-study" and "study" not in document["spec"]
-    assert list(store.runs()["study"]) == ["damage-study"]
+    assert document["spec"]["study"] == "named-study"
+    assert list(store.runs()["study"]) == ["named-study"]
 
 
 def test_an_unwritable_store_is_one_line_up_front(tmp_path: Path, monkeypatch) -> None:

@@ -2,7 +2,7 @@
 
 Layout (see docs/architecture.md)::
 
-    STORE/runs/<run_id>/run.json          spec, study, status, error, failed_step, wall_time_s
+    STORE/runs/<run_id>/run.json          spec, status, error, failed_step, wall_time_s
     STORE/runs/<run_id>/records.parquet   run_id, step, quantity, value
     STORE/runs/<run_id>/spectra.parquet   run_id, step, kind, values (list<double>)
     STORE/runs/<run_id>/manifest.json     size and SHA-256 of each of the three files above
@@ -47,9 +47,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import ntklens
 from ntklens.errors import NtkLensError
-from ntklens.schema import RunResult, RunSpec
+from ntklens.schema import VERSION, RunResult, RunSpec
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.parquet"
@@ -67,7 +66,6 @@ SPECTRA_SCHEMA = pa.schema(
      ("values", pa.list_(pa.float64()))]
 )  # fmt: skip
 _OUTCOME_FIELDS = [
-    ("study", pa.string()),
     ("status", pa.string()),
     ("error", pa.string()),
     ("failed_step", pa.int64()),
@@ -139,16 +137,12 @@ class Store:
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
-    def write(self, result: RunResult, *, study: str | None = None) -> None:
-        """Store one run atomically, replacing an earlier record of the same run id.
-
-        ``study`` (the name of the study that ran it) is kept in run.json beside the spec,
-        so the run id does not depend on it.
-        """
+    def write(self, result: RunResult) -> None:
+        """Store one run atomically, replacing an earlier record of the same run id."""
         self.staging_dir.mkdir(exist_ok=True)
         staged = self.staging_dir / f"new-{result.run_id}-{uuid.uuid4().hex[:8]}"
         staged.mkdir()
-        _write_json(staged / RUN_FILE, _run_document(result, study))
+        _write_json(staged / RUN_FILE, _run_document(result))
         _write_parquet(staged / RECORDS_FILE, _records_table(result))
         _write_parquet(staged / SPECTRA_FILE, _spectra_table(result))
         _write_json(staged / MANIFEST_FILE, _manifest(staged))
@@ -223,6 +217,20 @@ class Store:
     def records(self) -> pd.DataFrame:
         """Tidy records of all runs: run_id, step, quantity, value."""
         return self.query("SELECT * FROM records ORDER BY run_id, step, quantity")
+
+    def final(self) -> pd.DataFrame:
+        """One row per run: its ``runs()`` columns, ``final_step`` (its last recorded step)
+        and, one column each, every quantity's value at the last step it was recorded."""
+        runs = self.runs()
+        last = self.query(
+            "SELECT run_id, quantity, arg_max(value, step) AS value FROM records "
+            "GROUP BY run_id, quantity"
+        )
+        steps = self.query("SELECT run_id, max(step) AS final_step FROM records GROUP BY run_id")
+        wide = last.pivot(index="run_id", columns="quantity", values="value")
+        wide.columns.name = None
+        final = runs.merge(steps, on="run_id", how="left")
+        return final.merge(wide, left_on="run_id", right_index=True, how="left")
 
     def spectra(self) -> pd.DataFrame:
         """Kernel spectra of all runs: run_id, step, kind, values (float64 arrays)."""
@@ -355,17 +363,16 @@ def open(path: str | os.PathLike[str], *, create: bool = False) -> Store:
     return Store(root)
 
 
-def _run_document(result: RunResult, study: str | None) -> dict[str, Any]:
+def _run_document(result: RunResult) -> dict[str, Any]:
     return {
         "run_id": result.run_id,
         "spec": result.spec.model_dump(mode="json"),
-        "study": study,
         "status": result.status,
         "error": result.error,
         "failed_step": result.failed_step,
         "wall_time_s": float(result.wall_time_s),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-        "ntklens_version": ntklens.__version__,
+        "ntklens_version": VERSION,
     }
 
 

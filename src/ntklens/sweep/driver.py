@@ -78,7 +78,7 @@ def run_sweep(
     have been fixed since; a diverging run will just fail again). Failed runs are stored
     with their reason, and the sweep goes on. ``download`` fetches missing datasets first
     (local executors). Damaged stored runs are moved to the store's
-    ``damaged/`` folder and run again. A config's name is stored with each run it runs.
+    ``damaged/`` folder and run again.
     """
     study_name = study.name if isinstance(study, StudyConfig) else None
     specs = plan(study) if isinstance(study, StudyConfig) else list(study)
@@ -102,7 +102,7 @@ def run_sweep(
             with executor, progress:
                 progress.begin(len(todo), skipped=len(specs) - len(todo), slots=executor.slots)
                 for result in executor.results(todo):
-                    store.write(result, study=study_name)
+                    store.write(result)
                     n_ok += result.status == "ok"
                     n_failed += result.status == "failed"
                     progress.finished(result)

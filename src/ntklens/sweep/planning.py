@@ -4,11 +4,17 @@ The grid is the cartesian product of parameterizations × widths × n_train × l
 rates × seeds, in that (stable) order. Each run's learning rate is the base rate put
 through the config's width rule. A run's id is :attr:`RunSpec.run_id`, a hash of the
 normalized spec, so equal runs in two configs share an id and a store.
+
+Before any run, :func:`check_specs` reads each dataset's real shape (an ``.npz`` file or a
+data factory is loaded), builds each model (built-in family or factory) at the smallest
+width of the sweep and checks that it maps those inputs to one logit per class; a bad
+factory or file becomes one :class:`~ntklens.errors.NtkLensError` line.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -17,32 +23,39 @@ from functools import cache
 import pandas as pd
 from torch import nn
 
-from ntklens.errors import ConfigError
-from ntklens.models import build_model, count_flops, count_parameters
-from ntklens.schema import RunSpec
+from ntklens.data import load_dataset
+from ntklens.errors import ConfigError, DataError
+from ntklens.models import build_model, build_spec_model, count_flops, count_parameters
+from ntklens.models.factory import check_output_shape
+from ntklens.schema import RunSpec, is_reference
 from ntklens.sweep.config import DATASET_FACTS, StudyConfig
 from ntklens.train.probes import probe_steps
 from ntklens.train.run import total_steps
 
 DEFAULT_STEPS = 500  # when the config gives neither steps nor epochs
-PLAN_COLUMNS = ("run_id", "parameterization", "width", "n_train", "lr", "seed", "steps", "gflop")
+PLAN_COLUMNS = (
+    "run_id", "model", "parameterization", "width", "n_train", "lr", "seed", "steps", "params",
+    "gflop",
+)  # fmt: skip
 
 
-def plan(config: StudyConfig) -> list[RunSpec]:
-    """Every run of the study, in a stable order."""
+def plan(config: StudyConfig, *, check: bool = True) -> list[RunSpec]:
+    """Every run of the study, in a stable order; ``check`` runs :func:`check_specs` on them."""
     data, probe, model, train, sweep = (
         config.data, config.probe, config.model, config.train, config.sweep
     )  # fmt: skip
     teacher = data.teacher
     fixed = {
-        "dataset": data.dataset,
+        "dataset": data.factory or data.dataset,
         "data_path": data.path,
+        "data_options": data.options,
         "subset_seed": data.subset_seed,
         "n_test": data.n_test,
         "n_probe": probe.n,
         "probe_split": probe.split,
         "probe_seed": probe.seed,
-        "model": model.family,
+        "model": model.factory or model.family,
+        "model_options": model.options,
         "depth": model.depth,
         "activation": model.activation,
         "weight_std": model.weight_std,
@@ -67,6 +80,7 @@ def plan(config: StudyConfig) -> list[RunSpec]:
         "infinite_baseline": config.baselines.infinite,
         "dtype": train.dtype,
         "device": train.device,
+        "study": config.name,
     }
     if teacher is not None:
         fixed |= {
@@ -77,7 +91,7 @@ def plan(config: StudyConfig) -> list[RunSpec]:
     grid = itertools.product(
         sweep.parameterizations, sweep.widths, sweep.n_train, config.base_lrs, sweep.seeds
     )
-    return [
+    specs = [
         RunSpec(
             **fixed,
             parameterization=parameterization,
@@ -88,23 +102,95 @@ def plan(config: StudyConfig) -> list[RunSpec]:
         )
         for parameterization, width, n_train, base_lr, seed in grid
     ]
+    if check:
+        check_specs(specs)
+    return specs
+
+
+@cache
+def _external_facts(
+    dataset: str, path: str | None, options: str
+) -> tuple[tuple[int, ...], int, int, int]:
+    """(example shape, classes, train size, test size) of an .npz file or data factory."""
+    loaded = load_dataset(dataset, path=path, **json.loads(options))
+    shape = tuple(loaded.x_train.shape[1:])
+    return shape, loaded.n_classes, len(loaded.y_train), len(loaded.y_test)
+
+
+def _is_external(spec: RunSpec) -> bool:
+    return spec.dataset == "npz" or is_reference(spec.dataset)
 
 
 def data_shape(spec: RunSpec) -> tuple[tuple[int, ...], int, int]:
     """(example shape, number of classes, test-set size) of the run's dataset."""
+    if _is_external(spec):
+        shape, k, _, n_test = _external_facts(spec.dataset, spec.data_path, spec.data_options)
+        return shape, k, min(spec.n_test or n_test, n_test)
     facts = DATASET_FACTS[spec.dataset]
     if facts.in_shape is None or facts.n_classes is None or facts.n_test is None:
         return (spec.teacher_input_dim,), spec.teacher_n_classes, spec.n_test or 2000
     return facts.in_shape, facts.n_classes, spec.n_test or facts.n_test
 
 
+def check_specs(specs: list[RunSpec]) -> None:
+    """Check every dataset and model of ``specs`` before any run (see the module docstring).
+
+    A model is built once per architecture, at the smallest width it is planned at (a
+    built-in family at most at :data:`BUILT_WIDTH_LIMIT`: its output shape does not depend
+    on the width, and a very wide one would not fit in memory).
+    """
+    for spec in {(s.dataset, s.data_path, s.data_options): s for s in specs}.values():
+        if not _is_external(spec):
+            continue
+        try:
+            _, _, n_train, n_test = _external_facts(spec.dataset, spec.data_path, spec.data_options)
+        except DataError as error:
+            raise DataError(f"data {spec.data_path or spec.dataset}: {error}") from None
+        same = [s for s in specs if (s.dataset, s.data_path) == (spec.dataset, spec.data_path)]
+        sizes = {"train": n_train, "test": n_test}
+        largest = max(s.n_train for s in same)
+        if largest > n_train:
+            raise ConfigError(
+                f"sweep.n_train: {largest} exceeds the {n_train} training examples of "
+                f"{spec.data_path or spec.dataset}; use at most {n_train}"
+            )
+        if spec.n_test is not None and spec.n_test > n_test:
+            raise ConfigError(
+                f"data.n_test: {spec.n_test} exceeds the {n_test} test examples of "
+                f"{spec.data_path or spec.dataset}; use at most {n_test} or 'all'"
+            )
+        available = sizes[spec.probe_split]
+        if spec.probe_split == "test" and spec.n_test is not None:
+            available = min(available, spec.n_test)
+        if spec.n_probe > available:
+            raise ConfigError(
+                f"probe.n: {spec.n_probe} probe points but the {spec.probe_split} split has "
+                f"only {available}; use at most {available}"
+            )
+    architectures: dict[tuple[object, ...], RunSpec] = {}
+    for spec in sorted(specs, key=lambda s: s.width):
+        key = (spec.model, spec.model_options, spec.parameterization, spec.depth,
+               spec.activation, spec.weight_std, spec.bias_std, spec.dataset, spec.data_path,
+               spec.data_options, spec.teacher_input_dim, spec.teacher_n_classes)  # fmt: skip
+        architectures.setdefault(key, spec)
+    for spec in architectures.values():
+        in_shape, k, _ = data_shape(spec)
+        if not is_reference(spec.model):
+            spec = spec.model_copy(update={"width": min(spec.width, BUILT_WIDTH_LIMIT)})
+        model = build_spec_model(spec, in_shape, k)
+        check_output_shape(model, spec.model, in_shape, k)
+
+
 @dataclass(frozen=True)
 class ModelCost:
-    """FLOPs of one architecture: a forward pass, and one pair of examples of an eNTK."""
+    """FLOPs of one architecture: a forward pass, and one pair of examples of an eNTK;
+    and its number of trainable parameters."""
 
     forward: float
     pair_trace: float
     pair_full: float
+    params: int = 0
+    fan_out: int = 0  # summed outputs of the Linear layers (activations per example)
 
 
 @dataclass(frozen=True)
@@ -119,13 +205,10 @@ class ModelShape:
     forward: int
 
 
-BUILT_WIDTH_LIMIT = 256  # wider models are sized from small ones, never built
+BUILT_WIDTH_LIMIT = 256  # wider built-in models are sized from small ones, never built
 
 
-def _measured_shape(
-    family: str, width: int, depth: int, in_shape: tuple[int, ...], n_outputs: int
-) -> ModelShape:
-    model = build_model(family, width=width, depth=depth, in_shape=in_shape, n_outputs=n_outputs)
+def _shape(model: nn.Module, in_shape: tuple[int, ...]) -> ModelShape:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return ModelShape(
         params=count_parameters(model),
@@ -136,11 +219,18 @@ def _measured_shape(
     )
 
 
+def _measured_shape(
+    family: str, width: int, depth: int, in_shape: tuple[int, ...], n_outputs: int
+) -> ModelShape:
+    model = build_model(family, width=width, depth=depth, in_shape=in_shape, n_outputs=n_outputs)
+    return _shape(model, in_shape)
+
+
 @cache
 def model_shape(
     family: str, width: int, depth: int, in_shape: tuple[int, ...], n_outputs: int
 ) -> ModelShape:
-    """The sizes of an architecture without allocating a wide model.
+    """The sizes of a built-in architecture without allocating a wide model.
 
     Every size of the MLP and CNN families is a polynomial of degree ≤ 2 in the width
     (width × width hidden weights, width-long biases and fan-ins), so past
@@ -167,21 +257,43 @@ def model_shape(
 def model_cost(
     family: str, width: int, depth: int, in_shape: tuple[int, ...], n_outputs: int
 ) -> ModelCost:
-    """The costs of an architecture, from its sizes (:func:`model_shape`).
+    """The costs of a built-in architecture, from its sizes (:func:`model_shape`).
 
     An eNTK entry contracts K Jacobian rows over all P parameters (2·K·P FLOPs; K² rows for
     a full kernel), except that a Linear layer's share is a product of Grams of its inputs
     and output gradients, 2·(in + K·out) (the layerwise method picks the cheaper).
     """
-    shape = model_shape(family, width, depth, in_shape, n_outputs)
+    return _cost_of(model_shape(family, width, depth, in_shape, n_outputs), n_outputs)
 
+
+@cache
+def _spec_model_cost(spec: RunSpec, in_shape: tuple[int, ...], n_outputs: int) -> ModelCost:
+    return _cost(build_spec_model(spec, in_shape, n_outputs), in_shape, n_outputs)
+
+
+def _cost(model: nn.Module, in_shape: tuple[int, ...], n_outputs: int) -> ModelCost:
+    return _cost_of(_shape(model, in_shape), n_outputs)
+
+
+def _cost_of(shape: ModelShape, n_outputs: int) -> ModelCost:
     def pair(rows: int) -> float:
-        layerwise = (
-            shape.fan_in + rows * shape.fan_out + rows * (shape.params - shape.linear_params)
-        )
+        other_params = shape.params - shape.linear_params
+        layerwise = shape.fan_in + rows * shape.fan_out + rows * other_params
         return 2.0 * min(rows * shape.params, layerwise)
 
-    return ModelCost(float(shape.forward), pair(n_outputs), pair(n_outputs**2))
+    return ModelCost(
+        float(shape.forward), pair(n_outputs), pair(n_outputs**2), shape.params, shape.fan_out
+    )
+
+
+def spec_cost(spec: RunSpec) -> ModelCost:
+    """The :class:`ModelCost` of the run's architecture."""
+    in_shape, k, _ = data_shape(spec)
+    if not is_reference(spec.model) and not spec.model_kwargs:
+        return model_cost(spec.model, spec.width, spec.depth, in_shape, k)
+    architecture = {"seed": 0, "lr": 1.0, "n_train": 1, "steps": 1, "epochs": None,
+                    "study": None}  # fmt: skip
+    return _spec_model_cost(spec.model_copy(update=architecture), in_shape, k)
 
 
 def estimate_flops(spec: RunSpec) -> float:
@@ -194,8 +306,8 @@ def estimate_flops(spec: RunSpec) -> float:
     builds the eNTK on train × (train + test) and solves it (n³/3), the infinite-width one
     evaluates its closed form there and solves it too (each only if the spec asks).
     """
+    cost = spec_cost(spec)
     in_shape, k, n_test = data_shape(spec)
-    cost = model_cost(spec.model, spec.width, spec.depth, in_shape, k)
     full = spec.kernel_output == "full"
     steps = total_steps(spec, spec.n_train)
     batch = min(spec.batch_size or spec.n_train, spec.n_train)
@@ -222,12 +334,14 @@ def plan_table(specs: list[RunSpec]) -> pd.DataFrame:
     rows = [
         {
             "run_id": spec.run_id,
+            "model": spec.model,
             "parameterization": spec.parameterization,
             "width": spec.width,
             "n_train": spec.n_train,
             "lr": spec.lr,
             "seed": spec.seed,
             "steps": total_steps(spec, spec.n_train),
+            "params": spec_cost(spec).params,
             "gflop": estimate_flops(spec) / 1e9,
         }
         for spec in specs
@@ -248,13 +362,19 @@ def estimate_memory(spec: RunSpec) -> tuple[float, float]:
     factor, and the probe kernel.
     """
     in_shape, k, n_test = data_shape(spec)
-    shape = model_shape(spec.model, spec.width, spec.depth, in_shape, k)
+    shape = spec_cost(spec)
     itemsize = 8 if spec.dtype == "float64" else 4
     states = 3 + {"sgd": int(spec.momentum > 0), "adam": 2}[spec.optimizer]
     n = spec.n_train
     features = math.prod(in_shape)
-    facts = DATASET_FACTS[spec.dataset]
-    n_examples = (facts.n_train or n) + (facts.n_test or n_test)
+    if _is_external(spec):
+        _, _, n_train_all, n_test_all = _external_facts(
+            spec.dataset, spec.data_path, spec.data_options
+        )
+        n_examples = n_train_all + n_test_all
+    else:
+        facts = DATASET_FACTS[spec.dataset]
+        n_examples = (facts.n_train or n) + (facts.n_test or n_test)
     activations = (n + n_test) * max(shape.fan_out, 1) * itemsize * 2
     width_driven = shape.params * (states * itemsize + 2 * 8) + activations
     rows = spec.n_probe * (k if spec.kernel_output == "full" else 1)
