@@ -39,8 +39,9 @@ Decision rules (also in :data:`RULES`, which the report prints):
   [w_min, w_max]" with the reasons. Never contradicted: a sweep can miss a transition.
 * ``kernel_vs_feature_scaling`` (claim 2c): per width of the data sweeps, δ = α_network −
   α_kernel0 (the step-0 eNTK regression's data exponent). A width is feature-driven if the
-  ``c`` interval of δ excludes zero, kernel-driven if the ``1 − 2(1 − c)`` interval lies
-  inside ``(−m, m)``, else undetermined. The meeting width is the smallest width from which
+  ``c`` interval of δ lies wholly outside ``[−m, m]``, kernel-driven if the ``1 − 2(1 − c)``
+  interval lies inside ``(−m, m)`` (the same equivalence test as claim 1a), else
+  undetermined. The meeting width is the smallest width from which
   every wider width is kernel-driven, with a feature-driven width below it. Supported if
   that width is identified, else inconclusive.
 """
@@ -90,9 +91,9 @@ RULES = {
     "max_feature_learning_width": "w* located if the largest width with loss advantage CI > 0 "
     "has a wider width without, or the kernel-change break passes its checks (ΔBIC ≥ 10, "
     "lazy slope < 0 and steeper, ≥ 2 widths a side, w* and CI inside the sweep)",
-    "kernel_vs_feature_scaling": "per width: δ = α_net − α_kernel0, {c:.0%} CI excludes 0 → "
-    "feature-driven, {tost:.0%} CI in (−{m:g}, {m:g}) → kernel-driven; supported if a width "
-    "from which all wider are kernel-driven follows a feature-driven one",
+    "kernel_vs_feature_scaling": "per width: δ = α_net − α_kernel0, {c:.0%} CI outside "
+    "[−{m:g}, {m:g}] → feature-driven, {tost:.0%} CI in (−{m:g}, {m:g}) → kernel-driven; "
+    "supported if a width from which all wider are kernel-driven follows a feature-driven one",
 }
 
 
@@ -684,10 +685,12 @@ def _kernel_vs_feature(ctx: _Context) -> list[dict[str, Any]]:
                 continue
             wide = compare_exponents(network, kernel, confidence=ctx.confidence)
             narrow = compare_exponents(network, kernel, confidence=ctx.tost)
-            (low, high), m = narrow["ci"], ctx.margin
-            if wide["excludes_zero"]:
+            (low, high), (wide_low, wide_high), m = narrow["ci"], wide["ci"], ctx.margin
+            if None in (low, high, wide_low, wide_high):
+                status = "undetermined"
+            elif wide_low > m or wide_high < -m:
                 status = "feature-driven"
-            elif low is not None and high is not None and -m < low and high < m:
+            elif -m < low and high < m:
                 status = "kernel-driven"
             else:
                 status = "undetermined"
