@@ -70,6 +70,7 @@ def build_report(
     fmt: str = "html",
     summary: dict[str, Any] | None = None,
     fit_bounded: bool = False,
+    variants: dict[str, Any] | None = None,
     **analysis_options: Any,
 ) -> ReportResult:
     """Write the report of ``store`` into ``out_dir``; ``fmt="json"`` writes only the summary.
@@ -78,7 +79,8 @@ def build_report(
     ``observables``, ``llm_widths``, ``fraction``, ``margin``); pass a ready ``summary``
     instead to skip the analysis. The verdicts come from the summary's ``findings``; the
     report only renders them. ``fit_bounded`` also draws power laws of bounded quantities
-    (alignment), which are not drawn by default.
+    (alignment), which are not drawn by default. ``variants`` (the claim × variant table of
+    :func:`ntklens.reproduce.run_variants`) adds the robustness table to the page.
     """
     if fmt not in FORMATS:
         raise NtkLensError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -110,6 +112,7 @@ def build_report(
         runs=runs,
         figures=rendered,
         summary=summary,
+        variants=variants,
     )
     html_path = _write_text(out / "report.html", page)
     written = [p for figure in rendered for p in figure.files]

@@ -101,11 +101,14 @@ def render_html(
     runs: pd.DataFrame,
     figures: Sequence[RenderedFigure],
     summary: dict[str, Any],
+    variants: dict[str, Any] | None = None,
 ) -> str:
-    """The whole report page for the runs of ``store``, its figures and its summary."""
+    """The whole report page for the runs of ``store``, its figures and its summary (and the
+    claim × variant robustness table, when given)."""
     body = [
         _header(store, runs, summary),
         _verdicts(summary),
+        _variants(variants) if variants else "",
         _figure_index(figures),
         '<section id="figures"><h2>Figures</h2>',
         *(_figure(f) for f in figures),
@@ -248,6 +251,36 @@ def _verdicts(summary: dict[str, Any]) -> str:
         + _table("verdict-table", _VERDICT_COLUMNS, rows)
         + "<details><summary>Each verdict's parts (per observable, width or estimator)"
         "</summary>" + _table("verdict-parts", _PART_COLUMNS, parts) + "</details></section>"
+    )
+
+
+def _variants(table: dict[str, Any]) -> str:
+    """Claim × variant: each variant's verdict with its statistic, and what each variant is."""
+    listing = table.get("variants", [])
+    names = [v["name"] for v in listing if v.get("status") == "ran"]
+    columns = {"claim": "claim", "scope": "scope", **{f"v-{n}": n for n in names}}
+    rows: list[Row] = []
+    for row in table.get("rows", []):
+        cells = {"claim": table.get("claims", {}).get(row["claim"], row["claim"]),
+                 "scope": row["scope"]}  # fmt: skip
+        for name in names:
+            cell = row["cells"].get(name)
+            if cell is None:
+                cells[f"v-{name}"] = "—"
+                continue
+            value = cell.get("value")
+            number = "" if value is None else f" ({_num(value)} {_interval(cell.get('ci'))})"
+            cells[f"v-{name}"] = f"{cell['verdict']}{number}"
+        rows.append(({"claim": row["claim"], "family": row["scope"]}, cells))
+    items = "".join(
+        f"<li><code>{escape(v['name'])}</code> ({escape(v.get('axis', ''))}): "
+        f"{escape(v.get('description', ''))} — {escape(v.get('status', ''))}</li>"
+        for v in listing
+    )
+    return (
+        '<section id="variants"><h2>Robustness: verdicts under the protocol variants</h2>'
+        + _table("variant-table", columns, rows)
+        + f"<ul>{items}</ul></section>"
     )
 
 
