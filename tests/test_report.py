@@ -514,3 +514,32 @@ def test_report_opens_in_headless_chromium(report: ReportResult, tmp_path: Path)
     colormap = matplotlib.colormaps["viridis"](np.linspace(0.0, 1.0, 64))[:, :3]
     distance = np.linalg.norm(colours[:, None] - colormap[None], axis=-1).min(axis=1)
     assert counts[distance < 0.05].sum() > 2000
+
+
+def test_variant_table_renders_each_variant_column(report: ReportResult, tmp_path: Path) -> None:
+    """The claim × variant table of reproduce --variants: one column per variant that ran."""
+    from ntklens.report.html import render_html
+
+    table = {
+        "variants": [
+            {"name": "base", "axis": "—", "description": "as shipped", "status": "ran"},
+            {"name": "cnn", "axis": "architecture", "description": "CNN", "status": "ran"},
+            {"name": "centered", "axis": "centering", "description": "f − f₀",
+             "status": "skipped: needs RunSpec field(s) center_output"},
+        ],
+        "claims": {"similar_exponents": "Similar exponents"},
+        "rows": [{"claim": "similar_exponents", "scope": "ntk", "cells": {
+            "base": {"verdict": "supported", "value": 0.01, "ci": [-0.02, 0.03]},
+            "cnn": {"verdict": "contradicted", "value": 0.2, "ci": [0.15, 0.25]},
+        }}],
+    }  # fmt: skip
+    runs = pd.DataFrame({"status": ["ok"]})
+    page = render_html(store="s", runs=runs, figures=[], summary=report.summary, variants=table)
+    path = tmp_path / "page.html"
+    path.write_text(page, encoding="utf-8")
+    ((attributes, cells),) = read_html(path).tables["variant-table"]
+    assert attributes == {"claim": "similar_exponents", "family": "ntk"}
+    assert cells["v-base"] == "supported (0.01 [-0.02, 0.03])"
+    assert cells["v-cnn"] == "contradicted (0.2 [0.15, 0.25])"
+    assert "v-centered" not in cells and "skipped: needs RunSpec field(s) center_output" in page
+    assert page.index('id="verdicts"') < page.index('id="variants"')

@@ -427,10 +427,11 @@ def _transition_section(
             fraction=fraction,
             **options,
         )
+        # only a checked break is a transition width; the crossings are descriptive
         entry["llm_ratio"] = {
             method: llm_ratio(entry[method]["w_star"], llm_widths)
-            for method in ("broken_power_law", "threshold", "advantage")
-            if entry[method].get("w_star") is not None
+            for method in ("broken_power_law",)
+            if entry[method].get("identified") and entry[method].get("w_star") is not None
         }
         section[key] = entry
     return section

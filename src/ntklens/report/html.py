@@ -76,7 +76,8 @@ _PART_COLUMNS = {
 }  # fmt: skip
 _TRANSITION_COLUMNS = {
     "family": "family", "group": "held fixed", "signal": "signal", "method": "method",
-    "w-star": "w*", "w-star-ci": "w* CI", "llm-ratio": "w* / LLM width", "note": "note",
+    "w-star": "w* (checked break) or crossing width", "w-star-ci": "CI",
+    "llm-ratio": "w* / LLM width", "note": "note",
 }  # fmt: skip
 
 Row = tuple[dict[str, str], dict[str, str]]  # (data-* attributes, cell text by column)
