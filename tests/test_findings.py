@@ -314,3 +314,16 @@ def test_bad_decision_settings_fail_in_one_line(option: str, value: float) -> No
     with pytest.raises(NtkLensError, match=option) as error:
         summarize(*study(laws, widths=(DATA_WIDTH,)), **{option: value}, **OPTIONS)
     assert "\n" not in str(error.value)
+
+
+def test_claims_use_the_fullest_width_sweep_not_a_thin_grid_at_larger_n() -> None:
+    """Data sweeps at three widths leave 3-width 'sweeps' at every n up to 4000; the break
+    must be read off the 7-width sweep at n = 1000, not the 3 widths at n = 4000."""
+    laws = {"ntk": {"ntk_change": broken(128.0), "test_loss": power(3.0, -0.3, -0.3)}}
+    summary = summarize(*study(laws, data_widths=(64, 256, 1024), noise=0.02), **OPTIONS)
+    row = verdict_rows(summary, "max_feature_learning_width")["mlp/ntk"]
+    assert row["verdict"] == "supported", row["reason"]
+    assert f"n_train={WIDTH_N}" in row["statistic"]["name"]
+    similar = verdict_rows(summary, "similar_exponents")["mlp/ntk"]
+    assert f"α_width (n_train={WIDTH_N})" in similar["statistic"]["name"]
+    assert "α_data (width=1024)" in similar["statistic"]["name"]  # 5 sizes each: the widest

@@ -9,41 +9,43 @@ bootstrap percentile interval over runs.
 
 Decision rules (also in :data:`RULES`, which the report prints):
 
-* ``similar_exponents`` (claim 1a): Δα = α_data − α_width of the test loss, α_data at the
-  largest width, α_width at the largest n_train (and α_params, the same width sweep against
-  the parameter count, where runs record ``n_params``). Equivalence test (TOST): supported
-  if the ``1 − 2(1 − c)`` interval of Δα lies inside ``(−m, m)``, m = ``margin`` (default
-  0.05 in exponent units); contradicted if the ``c`` interval lies wholly outside
-  ``[−m, m]``; else inconclusive. Both fits must first pass their checks: R² ≥ ``min_r2``
-  (default 0.8) and α > 0 (the loss falls with the resource), else inconclusive.
+* ``similar_exponents`` (claim 1a): Δα = α_data − α_width of the test loss, α_data from the
+  fullest data sweep (most sizes; ties: the largest width), α_width from the fullest width
+  sweep (most widths; ties: the largest n_train), and α_params, the same width sweep
+  against the parameter count, where runs record ``n_params``. Every claim picks its sweeps
+  this way. Equivalence test (TOST): supported if the ``1 − 2(1 − c)`` interval of Δα lies
+  inside ``(−m, m)``, m = ``margin`` (default 0.05 in exponent units); contradicted if the
+  ``c`` interval lies wholly outside ``[−m, m]``; else inconclusive. Both fits must first
+  pass their checks: R² ≥ ``min_r2`` (default 0.8) and α > 0 (the loss falls with the
+  resource), else inconclusive.
 * ``opposite_kernel_dynamics`` (claim 1b): per kernel observable, the slope per decade of
-  its training-induced change along data (largest width) and along width (largest
-  n_train). An observable supports the claim if both ``c`` intervals exclude zero with
-  opposite signs, contradicts it if both exclude zero with the same sign, else is
-  inconclusive. The claim is supported if any observable supports it, contradicted if
-  none does and at least one contradicts it, else inconclusive.
+  its training-induced change along the data sweep and along the width sweep. An
+  observable supports the claim if both ``c`` intervals exclude zero with opposite signs,
+  contradicts it if both exclude zero with the same sign, else is inconclusive. The claim
+  is supported if any observable supports it, contradicted if none does and at least one
+  contradicts it, else inconclusive.
 * ``feature_learning_fades`` (claim 2a): the log-log slope of the kernel change against
-  width at the largest n_train shared by the NTK and μP families. Supported if the NTK
+  width in the fullest width sweep shared by the NTK and μP families. Supported if the NTK
   slope's interval lies below zero and the interval of (μP slope − NTK slope) above zero;
   contradicted if the NTK interval lies at or above zero or the difference's below zero;
   else inconclusive. Without a μP sweep: inconclusive (needs μP).
-* ``max_feature_learning_width`` (claim 2b), per family at its largest n_train with a
-  width sweep. (i) Advantage: per width the seed-mean of kernel0_test_loss − test_loss with
-  its ``c`` interval; the width is the largest one whose interval lies above zero, reported
-  only if a wider swept width has an interval that does not (else w* ≥ w_max); it is given
-  as the bracket [that width, the next width]. (ii) Break: the broken power law of the
-  kernel change, reported only where it passes
-  :data:`~ntklens.analysis.transition.BREAK_CHECKS` (ΔBIC ≥ 10 over one power law,
-  lazy slope negative and steeper, ≥ 2 widths a side, w* and CI strictly inside the sweep).
-  Supported (w* located) if either is identified; else inconclusive, "not identified within
-  [w_min, w_max]" with the reasons. Never contradicted: a sweep can miss a transition.
+* ``max_feature_learning_width`` (claim 2b), per family on its fullest width sweep.
+  (i) Advantage: per width the seed-mean of kernel0_test_loss − test_loss with its ``c``
+  interval; the width is the largest one whose interval lies above zero, reported only if
+  a wider swept width has an interval that does not (else w* ≥ w_max); it is given as the
+  bracket [that width, the next width]. (ii) Break: the broken power law of the kernel
+  change, reported only where it passes :data:`~ntklens.analysis.transition.BREAK_CHECKS`
+  (ΔBIC ≥ 10 over one power law, lazy slope negative and steeper, ≥ 2 widths a side, w*
+  and CI strictly inside the sweep). Supported (w* located) if either is identified; else
+  inconclusive, "not identified within [w_min, w_max]" with the reasons. Never
+  contradicted: a sweep can miss a transition.
 * ``kernel_vs_feature_scaling`` (claim 2c): per width of the data sweeps, δ = α_network −
   α_kernel0 (the step-0 eNTK regression's data exponent). A width is feature-driven if the
   ``c`` interval of δ lies wholly outside ``[−m, m]``, kernel-driven if the ``1 − 2(1 − c)``
   interval lies inside ``(−m, m)`` (the same equivalence test as claim 1a), else
-  undetermined. The meeting width is the smallest width from which
-  every wider width is kernel-driven, with a feature-driven width below it. Supported if
-  that width is identified, else inconclusive.
+  undetermined. The meeting width is the smallest width from which every wider width is
+  kernel-driven, with a feature-driven width below it. Supported if that width is
+  identified, else inconclusive.
 """
 
 from __future__ import annotations
@@ -222,12 +224,26 @@ def _group_value(key: str) -> int:
     return int(key.split("=")[1])
 
 
-def _largest(groups: dict[str, dict[str, Any]], quantity: str) -> tuple[str | None, Any]:
-    """The group with the largest held value that has ``quantity``."""
-    keyed = [(_group_value(k), k) for k, g in groups.items() if quantity in g]
+def _sweep_size(runs: pd.DataFrame, key: str) -> int:
+    """How many distinct values of its axis the group ``held=value`` sweeps in ``runs``."""
+    held, _, value = key.partition("=")
+    varied = "n_train" if held == "width" else "width"
+    return int(runs.loc[runs[held] == int(value), varied].nunique())
+
+
+def _largest(
+    groups: dict[str, dict[str, Any]], quantity: str, runs: pd.DataFrame | None = None
+) -> tuple[str | None, Any]:
+    """The group that has ``quantity`` and sweeps the most values (with ``runs``), ties going
+    to the largest held value: the fullest sweep where the other resource limits least."""
+    keyed = [
+        (_sweep_size(runs, k) if runs is not None else 0, _group_value(k), k)
+        for k, g in groups.items()
+        if quantity in g
+    ]
     if not keyed:
         return None, None
-    key = max(keyed)[1]
+    key = max(keyed)[2]
     return key, groups[key][quantity]
 
 
@@ -267,8 +283,9 @@ def _equivalence(
 def _similar_exponents(ctx: _Context) -> list[dict[str, Any]]:
     claim, rows = "similar_exponents", []
     for family in ctx.families:
-        data_key, data_fit = _largest(ctx.fits["data"].get(family, {}), "test_loss")
-        width_key, width_fit = _largest(ctx.fits["width"].get(family, {}), "test_loss")
+        runs = ctx.families[family]
+        data_key, data_fit = _largest(ctx.fits["data"].get(family, {}), "test_loss", runs)
+        width_key, width_fit = _largest(ctx.fits["width"].get(family, {}), "test_loss", runs)
         if data_fit is None or width_fit is None:
             continue
         parts = []
@@ -384,8 +401,9 @@ def _opposite_dynamics(ctx: _Context) -> list[dict[str, Any]]:
             continue
         parts = []
         for quantity in KERNEL_OBSERVABLE_CHANGES:
-            data_key, data_trend = _largest(along["data"], quantity)
-            width_key, width_trend = _largest(along["width"], quantity)
+            runs = ctx.families[family]
+            data_key, data_trend = _largest(along["data"], quantity, runs)
+            width_key, width_trend = _largest(along["width"], quantity, runs)
             if data_trend is None or width_trend is None:
                 continue
             if "ci" not in data_trend or "ci" not in width_trend:
@@ -474,7 +492,8 @@ def _fades_with_width(ctx: _Context) -> list[dict[str, Any]]:
             k: g for k, g in ctx.fits["width"].get(partner, {}).items() if "kernel_change" in g
         }
         shared = set(ntk_groups) & set(mup_groups)
-        key = max(shared or ntk_groups, key=_group_value)
+        runs = ctx.families[family]
+        key = max(shared or ntk_groups, key=lambda k: (_sweep_size(runs, k), _group_value(k)))
         slope, ci, draws = _kernel_change_slope(ntk_groups[key]["kernel_change"])
         statistic = _statistic(f"NTK slope of log Δ vs log w ({key})", slope, ci, ctx.confidence)
         parts = [{"part": "NTK slope", "statistic": statistic}]
@@ -528,10 +547,12 @@ def _thin(draws: np.ndarray, limit: int = 2000) -> np.ndarray:
 
 
 def _width_group(runs: pd.DataFrame) -> int | None:
-    """The largest n_train at which the family has ≥ MIN_WIDTHS widths."""
+    """The n_train of the family's fullest width sweep (≥ MIN_WIDTHS widths; ties: largest n)."""
     counts = runs.groupby("n_train")["width"].nunique()
     counts = counts[counts >= MIN_WIDTHS]
-    return None if counts.empty else int(counts.index.max())
+    if counts.empty:
+        return None
+    return int(max(counts.index, key=lambda n: (counts[n], n)))
 
 
 def advantage_by_width(
