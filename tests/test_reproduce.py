@@ -111,6 +111,16 @@ def test_quick_reproduction_end_to_end(tmp_path: Path) -> None:
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["families"] and (out / "report.html").is_file()
+    verdicts = summary["findings"]["verdicts"]
+    assert {v["claim"] for v in verdicts} == set(summary["findings"]["claims"])
+    for verdict in verdicts:
+        assert verdict["verdict"] in ("supported", "contradicted", "inconclusive")
+        assert verdict["rule"] and verdict["reason"]
+        if verdict["statistic"] is not None:
+            assert {"name", "value", "ci", "confidence"} <= set(verdict["statistic"])
+    assert headline["verdicts"] == [
+        {k: v[k] for k in ("claim", "family", "verdict", "reason", "statistic")} for v in verdicts
+    ]
 
 
 def _find_estimates(node: object):

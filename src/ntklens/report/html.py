@@ -32,6 +32,7 @@ th { background: #f3f3f3; position: sticky; top: 0; text-align: center; }
 td.family, td.group, td.quantity, td.axis, td.model, td.signal, td.method, td.note,
 td.direction, td.scaling, td.claim, td.statistic, td.rule, td.reason, td.part, td.status,
 td.value, td.ci { text-align: left; }
+td.verdict { text-align: center; }
 #verdict-table { font-size: 0.85em; } #verdict-table td.rule { color: #555; max-width: 28em; }
 #verdict-table td.reason { max-width: 30em; }
 tr[data-verdict="supported"] td.verdict { background: #e3f2e1; font-weight: bold; }
