@@ -110,12 +110,14 @@ def protocol(dataset: str, scale: str) -> list[StudyConfig]:
 
 
 def variants(dataset: str, scale: str) -> list[Variant]:
-    """The protocol's variants (``<scale>/variants/*.toml``), validated; none if no folder."""
+    """The protocol's variants (``<scale>/variants/*.toml``), validated, in the order of
+    :data:`VARIANT_AXES` (cheap alternatives first, the architecture last); none if no folder."""
     folder = _folder(dataset, scale) / "variants"
     if not folder.is_dir():
         return []
     files = sorted((e for e in folder.iterdir() if e.name.endswith(".toml")), key=lambda e: e.name)
-    return [parse_variant(_read_toml(entry, entry.name), entry.name) for entry in files]
+    parsed = [parse_variant(_read_toml(entry, entry.name), entry.name) for entry in files]
+    return sorted(parsed, key=lambda v: (VARIANT_AXES.index(v.axis), v.name))
 
 
 def parse_variant(raw: dict[str, Any], label: str = "variant") -> Variant:
