@@ -334,6 +334,9 @@ def report(
         return
     for path in result.paths:
         typer.echo(f"wrote {path}")
+    from ntklens.reproduce import verdict_lines
+
+    typer.echo("\n".join(verdict_lines(result.summary)))
     for figure, reason in result.skipped.items():
         typer.echo(f"figure {figure} not drawn: {reason}")
 
@@ -398,6 +401,10 @@ def reproduce(
     as_json = output_format is ReportFormat.json
     if as_json:
         typer.echo(json.dumps(result.headline, indent=2))
+    else:
+        from ntklens.reproduce import verdict_lines
+
+        typer.echo("\n".join(verdict_lines(json.loads(result.summary_json.read_text()))))
     typer.echo(
         f"report: {result.report}\nsummary: {result.summary_json}\nstore: {result.store}"
         + (f"\nvariants: {result.variants_json}" if result.variants_json else ""),

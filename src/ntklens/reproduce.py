@@ -350,6 +350,23 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per verdict (``claim [family]: verdict — reason``) after one line of the
+    settings the verdicts used (margin, LLM widths, threshold fraction), for the terminal."""
+    findings = summary.get("findings", {})
+    settings = findings.get("settings", {})
+    fraction = summary.get("settings", {}).get("fraction")
+    lines = [
+        f"verdicts (margin {settings.get('margin')}, LLM widths "
+        f"{', '.join(str(w) for w in settings.get('llm_widths', []))}, threshold fraction "
+        f"{fraction}):"
+    ]
+    for entry in findings.get("verdicts", []):
+        family = f" [{entry['family']}]" if entry.get("family") else ""
+        lines.append(f"  {entry['claim']}{family}: {entry['verdict']} — {entry['reason']}")
+    return lines
+
+
 def _exponent(fit: Any) -> dict[str, Any] | None:
     """α with its CI and R² from a fit dict, or None where the fit was skipped."""
     if not isinstance(fit, dict) or "params" not in fit:

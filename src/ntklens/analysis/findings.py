@@ -682,8 +682,9 @@ def _max_feature_width(ctx: _Context) -> list[dict[str, Any]]:
                 _row(claim, family, SUPPORTED, reason, statistic, parts, w_range=[w_min, w_max])
             )
         else:
-            reason = f"not identified within [{w_min}, {w_max}]: " + "; ".join(
-                f"{p['part']}: {p['reason']}" for p in parts
+            span = f"not identified within [{w_min}, {w_max}]"
+            reason = f"{span}: " + "; ".join(
+                f"{p['part']}: {p['reason'].removeprefix(span + ': ')}" for p in parts
             )
             statistic = _statistic(f"w* ({key})", None, None, ctx.confidence)
             rows.append(
