@@ -261,3 +261,33 @@ def test_run_variants_end_to_end_on_a_tiny_teacher_sweep(tmp_path: Path) -> None
                    for c in row["cells"].values())  # fmt: skip
     ce_store = ntklens.store.open(tmp_path / "variants" / "ce" / "store")
     assert set(ce_store.runs()["loss"]) == {"cross_entropy"}
+
+
+@pytest.mark.slow
+def test_reproduce_with_variants_writes_the_table_and_shows_it_in_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reproduce(..., with_variants=True) on a tiny teacher protocol: variants.json, the
+    report's variant table and the verdicts of summary.json."""
+    import ntklens.reproduce as reproduction
+    from ntklens.sweep.config import validate_config
+
+    tiny = [("tiny.toml", TINY_STUDY)]
+    ce = parse_variant({"name": "ce", "axis": "loss",
+                        "override": [{"set": {"train": {"loss": "cross_entropy"}}}]})  # fmt: skip
+    monkeypatch.setattr(reproduction, "protocol_raw", lambda dataset, scale: tiny)
+    monkeypatch.setattr(reproduction, "protocol", lambda d, s: [validate_config(TINY_STUDY)])
+    monkeypatch.setattr(reproduction, "variants", lambda dataset, scale: [ce])
+    result = reproduction.reproduce(
+        "fashion-mnist", "quick", tmp_path, workers=1, quiet=True, with_variants=True,
+        n_bootstrap=50, llm_widths=(1024,),
+    )  # fmt: skip
+    table = json.loads(result.variants_json.read_text())
+    assert [v["name"] for v in table["variants"]] == ["base", "ce"]
+    page = result.report.read_text(encoding="utf-8")
+    assert 'id="variant-table"' in page and page.index('id="verdicts"') < page.index(
+        "variant-table"
+    )
+    summary = json.loads(result.summary_json.read_text())
+    assert summary["findings"]["settings"]["llm_widths"] == [1024]
+    assert result.headline["verdicts"]
