@@ -165,11 +165,12 @@ def test_variant_overrides_reach_every_run_and_only_the_matching_studies() -> No
 def test_variants_needing_missing_options_are_skipped_with_the_reason() -> None:
     base = protocol_raw("fashion-mnist", "quick")
     by_name = {v.name: v for v in variants("fashion-mnist", "quick")}
-    centered = variant_studies(base, by_name["centered"])
+    uncentered = variant_studies(base, by_name["uncentered"])
     if "center_output" in RunSpec.model_fields:
-        assert not isinstance(centered, str)
+        assert not isinstance(uncentered, str)
+        assert {spec.center_output for s in uncentered for spec in plan(s)} == {False}
     else:
-        assert isinstance(centered, str) and "center_output" in centered
+        assert isinstance(uncentered, str) and "center_output" in uncentered
     unknown = parse_variant(
         {"name": "x", "axis": "dataset", "override": [{"set": {"data": {"dataset": "nope"}}}]}
     )
