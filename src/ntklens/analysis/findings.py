@@ -119,7 +119,7 @@ def derive_findings(
     ``directions`` and ``transition`` the summary's sections of those names.
     """
     check_finding_args(margin, min_r2)
-    tost = 1.0 - 2.0 * (1.0 - confidence)
+    tost = round(1.0 - 2.0 * (1.0 - confidence), 12)
     settings = {
         "margin": margin,
         "min_r2": min_r2,
