@@ -514,9 +514,9 @@ def _fold_biases(groups: list[_Group], uses: list[Use], params: dict[str, Tensor
 
 
 def _describe(g: _Group, uses: list[Use]) -> str:
-    rules = sorted({uses[i].rule for i in g.uses})
+    rules = sorted({f"{uses[i].rule} [{uses[i].via}]" for i in g.uses})
     n = len(g.uses)
-    what = "/".join(rules) + (f" ×{n}" if n > 1 else "")
+    what = ", ".join(rules) + (f" ×{n}" if n > 1 else "")
     if g.weight_norm is not None:
         return f"weight_norm of {what} (gram)"
     if g.kind == "scatter":

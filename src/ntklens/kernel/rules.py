@@ -67,6 +67,8 @@ class Use:
     conv: dict[str, Any] = field(default_factory=dict)
     pshape: tuple[int, ...] | None = None
     attached_to: int | None = None
+    #: the call that made the use, e.g. "torch.einsum"
+    via: str = ""
 
     @property
     def signature(self) -> tuple[str, Rule, tuple[int, ...]]:
@@ -148,6 +150,7 @@ class Recorder(TorchFunctionMode):
         #: a tracked tensor was used with autograd off: inside a custom autograd.Function
         self.opaque = False
         self._aranges: dict[str, Tensor] = {}
+        self._current = ""
 
     # --- tracked tensors -------------------------------------------------------------
 
@@ -186,6 +189,7 @@ class Recorder(TorchFunctionMode):
                 self.flag(found[0], f"used by {_name(func)} with autograd off (custom Function?)")
             return func(*args, **kwargs)
         handler = _HANDLERS.get(func)
+        self._current = _name(func)
         if handler is None:
             handler = _GENERIC.get(_kind(func))
         if handler is not None:
@@ -207,6 +211,7 @@ class Recorder(TorchFunctionMode):
         """Record ``use``; a use whose output has no autograd history is invisible."""
         if not use.output.requires_grad:
             self.flag(use.key, f"{use.rule} output without autograd history (custom Function?)")
+        use.via = use.via or self._current
         self.uses.append(use)
         return len(self.uses) - 1
 
@@ -337,7 +342,10 @@ def _kind(func: Any) -> str | None:
 
 def _name(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return name.replace("TensorBase.", "Tensor.").replace("__get__", "property")
+    name = name.replace("TensorBase.", "Tensor.").replace("_VariableFunctionsClass.", "torch.")
+    if getattr(F, name, None) is func:
+        name = "F." + name
+    return name.replace("__get__", "property")
 
 
 def _untracked(rec: Recorder, *values: Any) -> bool:
