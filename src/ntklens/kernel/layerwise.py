@@ -274,8 +274,9 @@ class LayerwisePlan:
         return TiledKernel(lambda x: self.features(model, x), self.contract)
 
     def features(self, model: nn.Module, x: Tensor) -> list[Feature]:
-        """Gram features per "gram" group, then one (T, K, P) tensor of all per-sample
-        gradients: of "grads" groups and fallback parameters."""
+        """Gram features per "gram" group, then (T, K, P) per-sample gradients of the
+        "grads" groups and of the fallback parameters (one tensor each, not concatenated:
+        that would copy them all once more)."""
         grams: list[Feature] = []
         gradients: list[Tensor] = []
         if self.groups:
@@ -287,7 +288,7 @@ class LayerwisePlan:
                     (gradients if isinstance(f, Tensor) else grams).append(f)
         if self.fallback:
             gradients.append(per_sample_jacobians(model, self.fallback, x))
-        return grams + ([torch.cat(gradients, dim=2)] if gradients else [])
+        return grams + gradients
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
@@ -418,7 +419,7 @@ def _key_groups(
         ):
             return None
     entries = torch.cat([uses[cls[0]].idx.reshape(-1) for cls in classes])
-    if len(torch.unique(entries)) != len(entries):
+    if int(torch.bincount(entries).max()) > 1:
         n = int(entries.max()) + 1
         dims = [_dims(uses[i], layouts[i]) for i in indices]
         return [
