@@ -564,22 +564,22 @@ def _zoo() -> dict[str, ZooModel]:
 
     def tied() -> tuple[nn.Module, nn.Module]:
         torch.manual_seed(SEED)
-        model = TiedLm(256, 64)
-        twin = TiedLm(256, 64, untied=True)
+        model = TiedLm(64, 64)
+        twin = TiedLm(64, 64, untied=True)
         twin.load_state_dict(model.state_dict(), strict=False)
         with torch.no_grad():
             twin.head.weight.copy_(model.embed.weight)
         return model, twin
 
-    tokens = lambda n: torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(SEED))  # noqa: E731
+    tokens = lambda n: torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(SEED))  # noqa: E731
     return {
-        "ntk-mlp-matmul": ZooModel(mlp("matmul", 512), _images),
-        "ntk-mlp-einsum": ZooModel(mlp("einsum", 512), _images),
+        "ntk-mlp-matmul": ZooModel(mlp("matmul", 256), _images),
+        "ntk-mlp-einsum": ZooModel(mlp("einsum", 256), _images),
         "gpt2-conv1d": ZooModel(seeded(lambda: Gpt2Mlp(128, 16)), _sequences(16, 128)),
         "tied-embedding": ZooModel(tied, tokens),
         "encoder-layer": ZooModel(seeded(lambda: Encoder(64)), _sequences(16, 64)),
         "conv-transpose": ZooModel(seeded(lambda: Deconv(8), twin=False), _images),
-        "weight-norm-mlp": ZooModel(seeded(lambda: WeightNormMlp(512)), _images),
+        "weight-norm-mlp": ZooModel(seeded(lambda: WeightNormMlp(256)), _images),
     }
 
 

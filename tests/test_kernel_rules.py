@@ -74,6 +74,23 @@ class NtkMlp(nn.Module):
         return ((self.w3 * 0.5) @ h.T).T
 
 
+class SharedScaledOutput(nn.Module):
+    """``o = x @ W.T`` feeds ``o * 2 + b`` and a residual: the bias must not fold into W;
+    nor can ``c``, added at only one of W's two uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) / 2)
+        self.b = nn.Parameter(torch.randn(4))
+        self.c = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = x @ self.w.T
+        folded = torch.tanh(torch.einsum("bi,oi->bo", x, self.w) / 3 - self.c)
+        return self.head(torch.tanh(o * 2 + self.b) + o + folded)
+
+
 class EinsumMlp(nn.Module):
     """Weights in both layouts, contracted by two-operand einsum."""
 
@@ -281,6 +298,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], Tensor], s
     "sequence-first": (SequenceFirst, lambda n, s: _randn(n, s, 2, 3), set()),
     "learned-queries": (LearnedQueries, lambda n, s: _randn(n, s, 3, 4), {"queries", "wq"}),
     "ntk-mlp": (NtkMlp, lambda n, s: _randn(n, s, 5), set()),
+    "shared-scaled-output": (SharedScaledOutput, lambda n, s: _randn(n, s, 4), set()),
     "einsum-mlp": (EinsumMlp, lambda n, s: _randn(n, s, 5), set()),
     "gpt2-conv1d": (Gpt2Block, lambda n, s: _randn(n, s, 3, 4), set()),
     "tied-embedding": (TiedEmbedding, tokens, set()),
@@ -340,6 +358,19 @@ def test_plan_structures_what_it_claims(case: dict) -> None:
         plan, _ = LayerwisePlan.probe(case["model"], case["x1"], n_pairs=2.0, full=True)
     assert set(plan.fallback) == case["fallback"], plan.rules
     assert set(plan.rules) == {n for n, p in case["model"].named_parameters() if p.requires_grad}
+
+
+def test_bias_folds_only_where_the_cotangents_agree() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with eval_mode(model := NtkMlp().double()):
+        plan, _ = LayerwisePlan.probe(model, x, n_pairs=2.0, full=True)
+    assert plan.rules["b1"] == "bias folded into w1's Gram"
+    x = torch.randn(4, 4, dtype=torch.float64)
+    with eval_mode(model := SharedScaledOutput().double()):
+        plan, _ = LayerwisePlan.probe(model, x, n_pairs=2.0, full=True)
+    assert plan.rules["b"].startswith("shift")
+    assert plan.rules["c"].startswith("shift")  # added at one of w's two uses only
 
 
 def test_matvec_matches(case: dict) -> None:

@@ -76,6 +76,7 @@ class _Group:
     out_dim: int
     n_entries: int
     bias: str | None = None
+    bias_square: float = 0.0
     weight_norm: WeightNorm | None = None
 
 
@@ -83,13 +84,13 @@ class _Group:
 class GramFeatures:
     """A use's inputs (T, Gr, D, L) or tokens (T, L), and cotangents (T, K, Gr, C, L).
 
-    ``bias``: the bias is folded in, as an input that is 1 at every position.
+    ``bias``: c² for a bias folded in as an input c at every position (0: none).
     """
 
     inputs: Tensor | None
     tokens: Tensor | None
     cotangents: Tensor
-    bias: bool
+    bias: float
 
     def __len__(self) -> int:
         return len(self.cotangents)
@@ -138,6 +139,7 @@ class LayerwisePlan:
     rules: dict[str, str] = field(repr=False, default_factory=dict)
     #: a parameter is used with autograd off (a custom autograd.Function): no forward AD
     opaque: bool = False
+    aranges: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     @classmethod
     def probe(
@@ -158,11 +160,15 @@ class LayerwisePlan:
         params = trainable_parameters(model)
         pool = x[:3] if x2 is None or len(x) >= 3 else torch.cat([x[:3], x2[: 3 - len(x)]])
         samples = pool[[0 % len(pool), 1 % len(pool), 2 % len(pool)]]
-        rec_a, rec_b = Recorder(params), Recorder(params)
+        aranges: dict[str, Tensor] = {}
+        rec_a, rec_b = Recorder(params, aranges), Recorder(params, aranges)
         probe = probe_model(model, samples[[0, 1]], also=rec_a)
         with torch.enable_grad(), rec_b:
-            model_output(model, samples[[1, 0, 2]])
-        return cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full), probe
+            out_b = model_output(model, samples[[1, 0, 2]])
+        _detach_shared_chains(rec_a.uses, rec_b.uses, out_b)
+        plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full)
+        plan.aranges = aranges
+        return plan, probe
 
     @classmethod
     def _from_recordings(
@@ -205,7 +211,8 @@ class LayerwisePlan:
         rules: dict[str, str] = {}
         for key, indices in by_key.items():
             derived = rec_a.derived.get(key)
-            made = _key_groups(key, indices, uses, layouts, k, n_pairs, full, derived)
+            arange = rec_a._aranges.get(key)
+            made = _key_groups(key, indices, uses, layouts, k, n_pairs, full, derived, arange)
             if made is None:
                 why[key] = "its weight-norm uses are not one plain linear or conv class"
                 continue
@@ -292,7 +299,7 @@ class LayerwisePlan:
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
-        recorder = Recorder(self.params)
+        recorder = Recorder(self.params, self.aranges)
         with torch.enable_grad(), recorder:
             out = model_output(model, x).reshape(len(x), -1)
         uses = recorder.uses
@@ -346,14 +353,14 @@ class LayerwisePlan:
         if group.kind == "embedding":
             tokens = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
             if group.mode == "gram":
-                return [GramFeatures(None, tokens, cot, bias=False)]
+                return [GramFeatures(None, tokens, cot, bias=0.0)]
             vocab = group.n_entries // group.out_dim
             return [_embedding_grads(tokens, cot, group.out_dim, vocab)]
         inputs = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
         if group.weight_norm is not None:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
         if group.mode == "gram":
-            return [GramFeatures(inputs, None, cot, bias=group.bias is not None)]
+            return [GramFeatures(inputs, None, cot, bias=group.bias_square)]
         return [_weight_grads(cot, inputs)]
 
     def _weight_norm_features(self, wn: WeightNorm, inputs: Tensor, cot: Tensor) -> list[Feature]:
@@ -367,7 +374,7 @@ class LayerwisePlan:
         scaled = cot * c[None, None, None, :, None]
         au = torch.einsum("tdl,cd->tcl", inputs[:, 0], u)
         h = torch.einsum("tkcl,tcl->tkc", cot[:, :, 0], au)
-        return [GramFeatures(inputs, None, scaled, bias=False), WeightedGrads(h, 1 - c * c)]
+        return [GramFeatures(inputs, None, scaled, bias=0.0), WeightedGrads(h, 1 - c * c)]
 
     def contract(self, f1: list[Feature], f2: list[Feature]) -> Tensor:
         """The kernel block between two tiles: the sum of every group's contribution."""
@@ -390,6 +397,27 @@ class LayerwisePlan:
 # --- plan ----------------------------------------------------------------------------
 
 
+def _detach_shared_chains(uses_a: list[Use], uses_b: list[Use], out: Tensor) -> None:
+    """Unattach a bias added to f·o (o a linear use's output) where o, or a step to f·o,
+    has another consumer: then o's cotangent is not f times the sum's, and no fold."""
+    consumers: dict[object, int] = defaultdict(int)
+    seen: set[object] = set()
+    stack = [out.grad_fn] if out.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                consumers[parent] += 1
+                stack.append(parent)
+    for use_a, use_b in zip(uses_a, uses_b, strict=False):
+        chain = use_b.chain
+        if chain and any(consumers.get(t.grad_fn, 0) != 1 for t in chain):
+            use_a.attached_to = use_b.attached_to = None
+
+
 def _key_groups(
     key: str,
     indices: list[int],
@@ -399,6 +427,7 @@ def _key_groups(
     n_pairs: float,
     full: bool,
     derived: WeightNorm | None,
+    arange: Tensor | None,
 ) -> list[_Group] | None:
     """The groups of one tracked tensor's uses (None: a weight norm that does not fit)."""
     classes: list[list[int]] = []
@@ -415,11 +444,13 @@ def _key_groups(
             return None
         first = uses[indices[0]]
         if first.idx.shape[0] != 1 or not torch.equal(
-            first.idx.reshape(-1), torch.arange(first.idx.numel())
+            first.idx.reshape(-1), torch.arange(first.idx.numel(), dtype=first.idx.dtype)
         ):
             return None
-    entries = torch.cat([uses[cls[0]].idx.reshape(-1) for cls in classes])
-    if int(torch.bincount(entries).max()) > 1:
+    if not (len(classes) == 1 and _plain_view(uses[classes[0][0]].idx, arange)) and _overlap(
+        [uses[cls[0]].idx for cls in classes]
+    ):
+        entries = torch.cat([uses[cls[0]].idx.reshape(-1) for cls in classes])
         n = int(entries.max()) + 1
         dims = [_dims(uses[i], layouts[i]) for i in indices]
         return [
@@ -456,6 +487,19 @@ def _key_groups(
                 group = _cheaper_mode(group, k, n_pairs, full)
         groups.append(group)
     return groups
+
+
+def _plain_view(idx: Tensor, arange: Tensor | None) -> bool:
+    """Whether ``idx`` is a strided view of the tensor's own index map without repeats."""
+    if arange is None or (0 in idx.stride() and idx.numel() > 1):
+        return False
+    return idx.untyped_storage().data_ptr() == arange.untyped_storage().data_ptr()
+
+
+def _overlap(maps: list[Tensor]) -> bool:
+    """Whether some entry appears twice among the index maps."""
+    entries = torch.cat([m.reshape(-1) for m in maps])
+    return int(torch.bincount(entries).max()) > 1
 
 
 def _family(use: Use) -> str:
@@ -503,14 +547,20 @@ def _fold_biases(groups: list[_Group], uses: list[Use], params: dict[str, Tensor
         owner = owners[0]
         if owner.mode != "gram" or owner.weight_norm is not None or owner.bias is not None:
             continue
-        identity = torch.arange(params[bias].numel())
+        identity = torch.arange(params[bias].numel(), dtype=torch.int32)
         if not all(torch.equal(u.idx.reshape(-1), identity) for u in bias_uses):
             continue
-        if any(u.scale != uses[a].scale for u, a in zip(bias_uses, attached, strict=True)):  # type: ignore[index]
+        # the bias's gradient is c·Σ_l G_l in units of the weight use's scaled cotangent
+        factors = {
+            u.scale * u.relative / uses[a].scale if uses[a].scale else math.nan  # type: ignore[index]
+            for u, a in zip(bias_uses, attached, strict=True)
+        }
+        if len(factors) != 1 or math.isnan(next(iter(factors))):
             continue
         if any(uses[a].rule == "conv_transpose" for a in attached):  # type: ignore[index]
             continue
-        groups[groups.index(owner)] = replace(owner, bias=bias)
+        c = next(iter(factors))
+        groups[groups.index(owner)] = replace(owner, bias=bias, bias_square=c * c)
         groups.remove(bias_group)
 
 
@@ -694,7 +744,7 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     full = block.dim() == 4
     s = _input_gram(f1, f2)
     if f1.bias:
-        s += 1
+        s += f1.bias
     if s.dim() == 2:
         if full:
             gg = (g1.reshape(t1 * k, c) @ g2.reshape(t2 * k, c).T).view(t1, k, t2, k)

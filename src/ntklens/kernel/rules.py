@@ -69,6 +69,10 @@ class Use:
     attached_to: int | None = None
     #: the call that made the use, e.g. "torch.einsum"
     via: str = ""
+    #: "shift" after ``out = f·o`` of a linear use's output o: 1/f, and the tensors
+    #: from o to that multiple, each of which must have no other consumer to fold
+    relative: float = 1.0
+    chain: tuple[Tensor, ...] = ()
 
     @property
     def signature(self) -> tuple[str, Rule, tuple[int, ...]]:
@@ -137,7 +141,7 @@ class Recorder(TorchFunctionMode):
     tensor whose cotangents are taken.
     """
 
-    def __init__(self, params: dict[str, Tensor]) -> None:
+    def __init__(self, params: dict[str, Tensor], aranges: dict[str, Tensor] | None = None) -> None:
         super().__init__()
         self.params = params
         self.shapes: dict[str, torch.Size] = {n: p.shape for n, p in params.items()}
@@ -149,8 +153,11 @@ class Recorder(TorchFunctionMode):
         self.other_uses: dict[str, str] = {}
         #: a tracked tensor was used with autograd off: inside a custom autograd.Function
         self.opaque = False
-        self._aranges: dict[str, Tensor] = {}
+        #: index maps of the tensors themselves, shared between recordings of one plan
+        self._aranges: dict[str, Tensor] = {} if aranges is None else aranges
         self._current = ""
+        #: linear uses' outputs and scalar multiples: id -> (tensor, use, factor, chain)
+        self.outputs: dict[int, tuple[Tensor, int, float, tuple[Tensor, ...]]] = {}
 
     # --- tracked tensors -------------------------------------------------------------
 
@@ -165,7 +172,9 @@ class Recorder(TorchFunctionMode):
     def _arange(self, key: str) -> Tensor:
         if key not in self._aranges:
             shape = self.shapes[key]
-            self._aranges[key] = torch.arange(math.prod(shape)).view(shape)
+            n = math.prod(shape)
+            dtype = torch.int32 if n < 2**31 else torch.int64
+            self._aranges[key] = torch.arange(n, dtype=dtype).view(shape)
         return self._aranges[key]
 
     def _track(self, tensor: Tensor, key: str, idx: Tensor, scale: float) -> None:
@@ -180,7 +189,10 @@ class Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         tracked = [t for t in tree_leaves((args, kwargs)) if self.lookup(t) is not None]
         if not tracked:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func in _SCALES and len(args) == 2 and not kwargs:
+                self._follow_output(func, args, out)
+            return out
         if not torch.is_grad_enabled():
             self.opaque = True
             for t in tracked:
@@ -206,6 +218,29 @@ class Recorder(TorchFunctionMode):
                 found = self.lookup(t)
                 assert found is not None
                 self.flag(found[0], f"used by {_name(func)}")
+
+    def output_of(self, value: Any) -> tuple[int, float, tuple[Tensor, ...]] | None:
+        """(use, factor, chain) when ``value`` is factor times a linear use's output."""
+        entry = self.outputs.get(id(value)) if isinstance(value, Tensor) else None
+        return None if entry is None or entry[0] is not value else entry[1:]
+
+    def register_output(self, returned: Tensor, use: int | None) -> Tensor:
+        if use is not None:
+            self.outputs[id(returned)] = (returned, use, 1.0, (returned,))
+        return returned
+
+    def _follow_output(self, func: Any, args: tuple[Any, ...], out: Any) -> None:
+        first, second = args
+        power = _SCALES[func]
+        found, factor = self.output_of(first), None
+        if found is not None and _is_scalar(second):
+            factor = float(second) ** power
+        else:
+            found = self.output_of(second) if power == 1 and _is_scalar(first) else None
+            factor = float(first) if found is not None else None
+        if found is not None and factor is not None and isinstance(out, Tensor):
+            use, f, chain = found
+            self.outputs[id(out)] = (out, use, f * factor, (*chain, out))
 
     def add(self, use: Use) -> int:
         """Record ``use``; a use whose output has no autograd history is invisible."""
@@ -381,7 +416,7 @@ def _h_linear(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     out = func(*args, **kwargs)
     index = rec.linear(x, weight, out, transposed=False)
     rec.shift(bias, out, index)
-    return out.clone()
+    return rec.register_output(out.clone(), index)
 
 
 def _h_matmul(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -409,11 +444,13 @@ def _matmul(rec: Recorder, run: Callable[[], Tensor], a: Tensor, b: Tensor, scal
         key = rec.lookup(weight)[0]  # type: ignore[index]
         rec._track(w2, key, idx[0], s)
     if tracked_b:
-        rec.linear(data, w2, out, transposed=True, scale=scale)
+        index = rec.linear(data, w2, out, transposed=True, scale=scale)
     else:
         perm = (*range(out.dim() - 2), out.dim() - 1, out.dim() - 2)
-        rec.linear(data.transpose(-1, -2), w2, out, transposed=False, out_perm=perm, scale=scale)
-    return out.clone()
+        index = rec.linear(
+            data.transpose(-1, -2), w2, out, transposed=False, out_perm=perm, scale=scale
+        )
+    return rec.register_output(out.clone(), index)
 
 
 def _same_copies(rec: Recorder, weight: Tensor) -> bool:
@@ -473,8 +510,8 @@ def _h_einsum(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     out = func(*args)
     rows = torch.einsum(f"{d_sub}->{lead}{d[0]}", data)
     perm = tuple(rhs.index(s) for s in lead + c[0])
-    rec.linear(rows, weight, out, transposed=w_sub != c[0] + d[0], out_perm=perm)
-    return out.clone()
+    index = rec.linear(rows, weight, out, transposed=w_sub != c[0] + d[0], out_perm=perm)
+    return rec.register_output(out.clone(), index)
 
 
 def _h_conv(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -618,7 +655,13 @@ def _h_add(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     out = func(*args, **kwargs)
     if out.dim() != data.dim():
         return None
-    rec.shift(param, out, None, factor)
+    attached = rec.output_of(data)
+    rec.shift(param, out, attached[0] if attached else None, factor)
+    if attached is not None and tuple(param.shape) == tuple(out.shape[-1:]):
+        rec.uses[-1].relative = 1 / attached[1] if attached[1] else math.nan
+        rec.uses[-1].chain = attached[2]
+    else:
+        rec.uses[-1].attached_to = None
     return out.clone()
 
 
