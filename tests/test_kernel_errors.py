@@ -162,3 +162,22 @@ def test_output_without_batch_dimension_first_is_refused() -> None:
             return self.fc(x).sum(0)
 
     raises_one_line("batch dimension first: pass output_fn=", ntklens.ntk, Summed(), X)
+
+
+def test_calls_that_change_with_the_batch_size_stop_layerwise() -> None:
+    class BatchDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.a(x)
+            return self.b(h) if len(x) > 4 else h
+
+    raises_one_line(
+        "other calls on a batch of 6 than on the probe batches",
+        ntklens.ntk,
+        BatchDependent(),
+        X,
+        method="layerwise",
+    )

@@ -303,10 +303,13 @@ class LayerwisePlan:
         with torch.enable_grad(), recorder:
             out = model_output(model, x).reshape(len(x), -1)
         uses = recorder.uses
-        if [u.signature for u in uses] != self.signatures:
+        if [u.signature for u in uses] != self.signatures or any(
+            layout is not None and u.source.shape[layout.axis] != len(x) * layout.fold
+            for u, layout in zip(uses, self.layouts, strict=True)
+        ):
             raise NtkLensError(
-                "the model made other calls on this batch than on the probe batches "
-                "(data-dependent control flow?); use method='jacobian'"
+                f"the model made other calls on a batch of {len(x)} than on the probe "
+                "batches (data-dependent control flow?); use method='jacobian'"
             )
         needed = sorted(
             {i for g in self.groups for i in g.uses}
