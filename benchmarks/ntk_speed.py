@@ -11,6 +11,16 @@ the GFLOP/s that ``layerwise`` achieves, and can time a trace kernel on 10,000 i
     python benchmarks/ntk_speed.py                 # everything (tens of minutes)
     python benchmarks/ntk_speed.py --quick         # the configurations of the acceptance
     python benchmarks/ntk_speed.py --only cnn mlp512 --repeats 5
+    python benchmarks/ntk_speed.py --zoo                   # the zoo alone (minutes)
+    python benchmarks/ntk_speed.py --only gpt2-conv1d encoder-layer --zoo-n 64
+
+The zoo: models written the way research code writes them (NTK-parameterized MLP with
+``@`` and with einsum, GPT-2 Conv1D with ``addmm``, embedding with a tied head, a
+TransformerEncoderLayer, ConvTranspose2d, weight_norm), each with a twin written with
+``nn.Linear``/``F.linear`` where one exists. Per model: the share of parameters a
+structured rule covers, auto's median time, the torch.func recipe's time, their ratio,
+auto on the twin and auto / twin, auto's GFLOP/s by the layerwise cost model and the
+deviation from the recipe; float32 trace kernels, all in one process.
 
 Timing: sizes 8, 16, 32, … up to N/4 run first as warm-up and to extrapolate the time at N
 (fit a·n + b·n²; or, as soon as linear scaling of one size alone is over the limit, that

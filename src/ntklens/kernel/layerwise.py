@@ -339,18 +339,19 @@ class LayerwisePlan:
                 sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
             ]
         if group.kind == "scatter":
+            # entries first, so that every scattered row is one contiguous copy
+            k = self.n_outputs
             grads = torch.zeros(
-                t,
-                self.n_outputs,
                 self.params[group.key].numel(),
+                t * k,
                 dtype=uses[0].output.dtype,
                 device=uses[0].output.device,
             )
             for u, lay in parts:
-                g = cotangents[id(u.output)]
+                g = _use_grads(u, lay, cotangents[id(u.output)], t)
                 flat = u.idx.reshape(-1).to(grads.device)
-                grads.index_add_(2, flat, _use_grads(u, lay, g, t))
-            return [grads]
+                grads.index_add_(0, flat, g.reshape(t * k, -1).T)
+            return [grads.T.view(t, k, -1)]
         feats = [_gram_parts(u, lay, cotangents[id(u.output)], t) for u, lay in parts]
         cot = torch.cat([f[1] for f in feats], dim=-1) if len(feats) > 1 else feats[0][1]
         if group.kind == "embedding":
@@ -664,9 +665,8 @@ def _embedding_grads(tokens: Tensor, cotangents: Tensor, dim: int, vocab: int) -
     """Per-sample embedding gradients in the (1, d, V) canonical layout: (T, K, d·V)."""
     t, k = cotangents.shape[:2]
     g = cotangents.reshape(t, k * dim, -1)
-    out = torch.zeros(t, k * dim, vocab, dtype=g.dtype, device=g.device)
-    out.scatter_add_(2, tokens[:, None, :].expand(t, k * dim, -1), g)
-    return out.reshape(t, k, dim * vocab)
+    one_hot = F.one_hot(tokens, vocab).to(g.dtype)  # (T, L, V): one batched matmul
+    return torch.bmm(g, one_hot).reshape(t, k, dim * vocab)
 
 
 def _per_dim(value: object, spatial: int) -> tuple[int, ...]:
