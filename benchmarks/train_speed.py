@@ -16,6 +16,11 @@ steps per second and the overhead ``t_ntklens / t_hand − 1``. Then one full
 ``n_probe``, spectral position batch of :class:`RunSpec`, the default 500 steps) splits its
 wall time into training, probes, kernel baselines and the rest (data, model, setup).
 
+Last, the cost of one :class:`~ntklens.train.probes.Probe` call in a plain loop against one
+training step of the same model and batch (medians, alternating in one process): the whole
+probe (trace eNTK on ``n_probe`` points with every observable, plus the exact spectral
+position on the batch), the kernel part alone and the spectral-position part alone.
+
     python benchmarks/train_speed.py                  # Fashion-MNIST, 784→512→512→10
     python benchmarks/train_speed.py --steps 100 --repeats 3 --width 256 --threads 1
 """
@@ -35,7 +40,7 @@ from rich.table import Table
 
 import ntklens.train.run as train_run
 from ntklens.schema import RunSpec
-from ntklens.train.probes import Prober
+from ntklens.train.probes import Probe, Prober
 from ntklens.train.run import RunSetup, build_run_model, prepare, run
 
 
@@ -54,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--skip-share", action="store_true", help="skip the probed run (the probes' share)"
     )
+    parser.add_argument("--n-probe", type=int, default=RunSpec.model_fields["n_probe"].default)
     return parser.parse_args()
 
 
@@ -148,6 +154,38 @@ def probe_share(spec: RunSpec) -> dict[str, float]:
     }
 
 
+def probe_cost(spec: RunSpec, n_probe: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one training step and of Probe calls, on the run's model and batch."""
+    setup = prepare(spec)
+    model = setup.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    x, labels = setup.data.train.x[: spec.batch_size], setup.data.train.labels[: spec.batch_size]
+    probe_x = setup.data.probe_x[:n_probe]
+    probes = {
+        "probe": Probe(model, probe_x, setup.data.probe_labels[:n_probe]),
+        "kernel only": Probe(model, probe_x, spectral_position=False),
+        "spectral position only": Probe(model, probe_x, observables=()),
+    }
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    calls: dict[str, Callable[[], Any]] = {"training step": step}
+    for name, probe in probes.items():
+        calls[name] = lambda p=probe: p(0, batch=(x, labels), loss_fn=F.cross_entropy)
+    for call in calls.values():  # warm-up
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 def main() -> None:
     args = parse_args()
     if args.threads is not None:
@@ -176,6 +214,19 @@ def main() -> None:
         table.add_column(column)
     table.add_row("hand-written", f"{setup.n_steps / hand_s:.1f}", "—")
     table.add_row("ntklens", f"{setup.n_steps / ours_s:.1f}", f"{ours_s / hand_s - 1:+.1%}")
+    console.print(table)
+
+    cost = probe_cost(spec, args.n_probe, args.repeats)
+    table = Table(
+        title=(
+            f"one Probe call vs one training step (batch {spec.batch_size}, "
+            f"{args.n_probe} probe points), median of {args.repeats}"
+        )
+    )
+    for column in ("call", "ms", "× training step"):
+        table.add_column(column)
+    for name, seconds in cost.items():
+        table.add_row(name, f"{1e3 * seconds:.1f}", f"{seconds / cost['training step']:.1f}")
     console.print(table)
     if args.skip_share:
         return

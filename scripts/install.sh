@@ -27,4 +27,4 @@ fi
 
 # An unpinned torch would pull a multi-GB CUDA build; pin the CPU wheel unless one exists.
 "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q "torch==2.13.0"
-"$PYTHON" -m pip install -q -e ".[dev,ray]"
+"$PYTHON" -m pip install -q -e ".[dev,ray,lightning]"

@@ -268,3 +268,25 @@ def test_bad_arguments_raise_one_line_errors(arguments: dict, named: str) -> Non
     with pytest.raises(NtkLensError, match=named) as error:
         analytic_ntk(torch.zeros(3, 4), **call)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_relu_ntk_of_identical_inputs_is_exact(depth: int) -> None:
+    """Identical inputs have cos = 1 at every layer: the diagonal follows the closed form
+    Σ ← σ_w²Σ/2 + σ_b², Θ ← Σ + Θσ_w²/2 to rounding (an inconsistent covariance and
+    variance would put the arccos at an angle of ~1e-8 and lose ~1e-8 of Θ)."""
+    x = _inputs(48, 784, seed=5) * 0.8 + 0.3
+    x[7] = x[3]  # a duplicate within the set
+    w2, b2 = 2.0, 0.01
+    options = {"depth": depth, "weight_std": math.sqrt(w2), "bias_std": math.sqrt(b2)}
+    sigma = w2 * (x * x).sum(1) / x.shape[1] + b2
+    theta = sigma.clone()
+    for _ in range(depth):
+        sigma = w2 * sigma / 2 + b2
+        theta = sigma + theta * w2 / 2
+    kernel = analytic_ntk(x, **options)
+    torch.testing.assert_close(kernel.diagonal(), theta, rtol=1e-13, atol=0)
+    torch.testing.assert_close(kernel[3, 7], theta[3], rtol=1e-13, atol=0)
+    cross = analytic_ntk(x[:10], x[5:], **options)  # rows 5..9 appear in both sets
+    torch.testing.assert_close(cross[5:10, :5].diagonal(), theta[5:10], rtol=1e-13, atol=0)
+    torch.testing.assert_close(cross, kernel[:10, 5:], rtol=1e-12, atol=1e-12)

@@ -240,6 +240,48 @@ def test_full_kernel_targets_are_flattened_like_the_kernel() -> None:
     assert kernel_target_alignment(full, targets) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_integer_class_labels_are_one_hot_targets(centered: bool, as_numpy: bool) -> None:
+    generator = torch.Generator().manual_seed(10)
+    features = torch.randn(12, 6, generator=generator, dtype=torch.float64)
+    kernel = features @ features.T + 1.0
+    labels = torch.tensor([0, 3, 1, 2, 3, 0, 1, 1, 2, 0, 3, 2])
+    one_hot = torch.nn.functional.one_hot(labels).numpy().astype(np.float64)
+    given = labels.numpy() if as_numpy else labels
+    aligned = kernel_target_alignment(kernel, given, centered=centered)
+    assert aligned == pytest.approx(explicit_alignment(kernel.numpy(), one_hot, centered))
+    regressed = explicit_alignment(kernel.numpy(), labels.numpy().astype(float), centered)
+    assert aligned != pytest.approx(regressed, rel=1e-3)  # not one target 0, 1, 2, 3
+    observables = kernel_observables(kernel, targets=given)
+    assert observables["alignment" + ("_centered" if centered else "")] == pytest.approx(aligned)
+
+
+def test_integer_labels_of_a_full_kernel_are_one_hot_over_its_outputs() -> None:
+    generator = torch.Generator().manual_seed(11)
+    jacobian = torch.randn(5, 3, 7, generator=generator, dtype=torch.float64)
+    full = torch.einsum("iap,jbp->iajb", jacobian, jacobian)
+    labels = torch.tensor([2, 0, 1, 2, 2])
+    one_hot = torch.nn.functional.one_hot(labels, 3).to(torch.float64)
+    expected = explicit_alignment(full.reshape(15, 15).numpy(), one_hot.reshape(15).numpy(), False)
+    assert kernel_target_alignment(full, labels) == pytest.approx(expected, rel=1e-12)
+    assert kernel_target_alignment(full.reshape(15, 15), labels) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "labels", "words"),
+    [
+        (torch.eye(4), torch.tensor([0, 1, -1, 2]), ">= 0"),
+        (torch.eye(6), torch.tensor([0, 1, 2, 1]), "fit neither"),
+        (torch.eye(6), torch.tensor([0, 1, 3]), "fit neither"),  # N*K = 6 but label 3 >= K
+    ],
+)
+def test_bad_integer_labels_are_refused(kernel, labels, words) -> None:
+    with pytest.raises(NtkLensError) as caught:
+        kernel_target_alignment(kernel, labels)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_targets_of_the_wrong_length_are_rejected() -> None:
     with pytest.raises(NtkLensError, match=r"^targets must have shape"):
         kernel_target_alignment(torch.eye(5), torch.ones(4))

@@ -3,6 +3,8 @@ the training loop, and the kernel baselines against an explicit-Jacobian computa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -14,8 +16,12 @@ from torch import nn
 
 from ntklens.errors import DataError, DataNotFoundError, NtkLensError
 from ntklens.infinite import analytic_ntk
+from ntklens.kernel import ntk
+from ntklens.models.centering import CenteredModel
 from ntklens.observables import kernel_observables
 from ntklens.schema import RunResult, RunSpec
+from ntklens.sweep.config import validate_config
+from ntklens.sweep.planning import plan
 from ntklens.train import probes as probes_module
 from ntklens.train.baselines import ridge_solve
 from ntklens.train.losses import cross_entropy_loss, mse_loss
@@ -28,6 +34,7 @@ from ntklens.train.run import (
     run,
     total_steps,
 )
+from ntklens.train.stopping import StoppingRule
 
 PROBE_QUANTITIES = (
     "train_loss",
@@ -455,3 +462,161 @@ def test_ridge_solve_is_a_scaled_ridge_and_falls_back_when_singular() -> None:
             rtol=1e-6,
             atol=1e-8,
         )
+
+
+# --- protocol options: stopping rule, output centering, lr rules, baseline toggles -----
+
+
+def test_stopping_rule_on_the_train_loss_ends_the_run_at_its_check() -> None:
+    spec = tiny_spec(steps=400, stop_train_loss=0.05, stop_check_every=7)
+    result = run(spec)
+    values = by_step(result)
+    last = max(values)
+    assert result.status == "ok" and last < spec.steps and last % 7 == 0
+    final = values[last]
+    assert final["stop_met"] == 1.0 and final["stopped_step"] == last
+    assert final["train_loss"] < 0.05  # the final probe's loss is the one the rule saw
+    assert {"kernel0_test_loss", "infinite_test_loss"} <= set(final)
+    # The rule fires at its first check below the tolerance: the run without it was above
+    # the tolerance at the check before, and earlier probes follow the schedule.
+    capped = by_step(run(spec.model_copy(update={"stop_train_loss": None, "steps": last - 7})))
+    assert capped[last - 7]["train_loss"] >= 0.05
+    schedule = probe_steps(spec.steps, spec.probe_points_per_decade)
+    assert sorted(values)[:-1] == [s for s in schedule if s < last]
+
+
+def test_stopping_rule_not_met_runs_to_the_cap_and_says_so() -> None:
+    spec = tiny_spec(steps=30, stop_train_loss=1e-9)
+    values = by_step(run(spec))
+    assert max(values) == 30
+    assert values[30]["stop_met"] == 0.0 and values[30]["stopped_step"] == 30
+    no_rule = by_step(run(tiny_spec(steps=30)))
+    assert "stop_met" not in no_rule[30] and no_rule[30]["stopped_step"] == 30
+
+
+def test_plateau_rule_stops_a_run_that_no_longer_learns() -> None:
+    spec = tiny_spec(lr=1e-7, steps=200, stop_plateau_steps=20, stop_plateau_tolerance=1e-3)
+    values = by_step(run(spec))
+    assert max(values) == 20 and values[20]["stop_met"] == 1.0
+    learning = by_step(run(spec.model_copy(update={"lr": 0.5})))
+    assert max(learning) > 20
+
+
+def test_plateau_rule_compares_best_losses_a_window_apart() -> None:
+    rule = StoppingRule(plateau_steps=20, plateau_tolerance=0.1, check_every=10)
+    # best losses: 1.0 (step 0), 0.5 (10), 0.46 (20), 0.45 (30)
+    checks = [(0, 1.0), (10, 0.5), (20, 0.46), (30, 0.45), (40, 0.7)]
+    met = [rule.check(step, loss) for step, loss in checks]
+    # step 20: best then 1.0 -> now 0.46, fell 54%; step 30: 0.5 -> 0.45, 10% <= 10%: met
+    assert met == [False, False, False, True, True]
+    assert not StoppingRule(train_loss=0.1).check(0, math.nan)
+
+
+def test_centered_model_starts_at_zero_and_keeps_the_ntk() -> None:
+    torch.manual_seed(0)
+    layers = (nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    base = nn.Sequential(*layers).double()
+    centered = CenteredModel(base)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    assert torch.equal(centered(x), torch.zeros(7, 3, dtype=torch.float64))
+    assert [p for p in centered.parameters() if p.requires_grad] == list(base.parameters())
+    optimizer = torch.optim.SGD(base.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (centered(x) - 1.0).square().sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(centered(x), base(x) - centered.initial(x))
+        assert centered(x).abs().max() > 0
+    for output in ("trace", "full"):
+        for method in ("jacobian", "layerwise", "vector-products"):
+            torch.testing.assert_close(
+                ntk(centered, x, output=output, method=method),
+                ntk(base, x, output=output, method="jacobian"),
+                rtol=1e-12,
+                atol=1e-12,
+            )
+    # The frozen copy follows the wrapper's dtype.
+    assert centered.float()(x.float()).abs().max() > 0
+
+
+def test_centered_run_starts_at_zero_output_with_the_same_kernel() -> None:
+    spec = tiny_spec(steps=20, probe_points_per_decade=1)
+    plain = by_step(run(spec))
+    centered = by_step(run(spec.model_copy(update={"center_output": True})))
+    assert centered[0]["train_loss"] == 0.5  # ½‖0 − onehot‖²: the outputs are zero
+    for key in ("ntk_trace", "ntk_entropy", "ntk_alignment", "chi_net"):
+        assert centered[0][key] == pytest.approx(plain[0][key], rel=1e-12)
+    assert centered[20]["train_loss"] < centered[0]["train_loss"]
+    assert centered[20]["param_change"] > 0 and centered[20]["ntk_change"] > 0
+    # The kernel-regression baseline of a zero initial function is that with f₀ = 0.
+    assert centered[20]["kernel0_test_loss"] != pytest.approx(plain[20]["kernel0_test_loss"])
+
+
+def test_standard_parameterization_with_a_width_scaled_lr_in_a_study() -> None:
+    config = validate_config(
+        {
+            "name": "standard-lr",
+            "data": {"dataset": "teacher", "n_test": 60},
+            "probe": {"n": 8, "points_per_decade": 0, "spectral_position_batch": 16},
+            "model": {"depth": 1, "center_output": True},
+            "train": {
+                "loss": "mse",
+                "lr": 0.4,
+                "lr_rule": "inverse_width",
+                "base_width": 16,
+                "steps": 25,
+                "dtype": "float64",
+                "stop_train_loss": 1e-4,
+                "stop_check_every": 5,
+            },
+            "sweep": {"widths": [16, 64, 256], "n_train": [32], "parameterizations": ["standard"]},
+        }
+    )
+    specs = plan(config)
+    assert [s.lr for s in specs] == pytest.approx([0.4, 0.1, 0.025])
+    for spec in specs:
+        assert spec.center_output and spec.stop_train_loss == 1e-4 and spec.stop_check_every == 5
+    for spec in specs:
+        values = by_step(run(spec))
+        assert values[25]["train_loss"] < 0.5 * values[0]["train_loss"], spec.width
+        # Standard init: the kernel grows with width, so η ∝ 1/width keeps η·Tr Θ bounded.
+    traces = [by_step(run(s.model_copy(update={"steps": 1})))[0]["ntk_trace"] for s in specs]
+    ratios = [lr * trace for lr, trace in zip([s.lr for s in specs], traces, strict=True)]
+    assert max(ratios) / min(ratios) < 2
+
+
+def test_baseline_toggles_leave_out_their_records() -> None:
+    spec = tiny_spec(steps=2, probe_points_per_decade=0)
+    no_baselines = {"kernel0_baseline": False, "infinite_baseline": False}
+    off = by_step(run(spec.model_copy(update=no_baselines)))
+    quantities = set(off[0]) | set(off[2])
+    assert not any(q.startswith(("kernel0_", "infinite_")) for q in quantities)
+    only_kernel0 = by_step(run(spec.model_copy(update={"infinite_baseline": False})))
+    assert "kernel0_test_loss" in only_kernel0[2]
+    assert not any(q.startswith("infinite_") for q in set(only_kernel0[0]) | set(only_kernel0[2]))
+
+
+def test_new_fields_at_their_default_keep_the_run_id() -> None:
+    spec = tiny_spec()
+    added = (
+        "stop_train_loss",
+        "stop_plateau_steps",
+        "stop_plateau_tolerance",
+        "stop_check_every",
+        "center_output",
+        "kernel0_baseline",
+        "infinite_baseline",
+    )
+    before = {k: v for k, v in spec.model_dump(mode="json").items() if k not in added}
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert spec.run_id == hashlib.sha256(text.encode()).hexdigest()[:16]
+    changed = {
+        spec.model_copy(update={name: value}).run_id
+        for name, value in (
+            ("stop_train_loss", 0.1),
+            ("center_output", True),
+            ("kernel0_baseline", False),
+        )
+    }
+    assert len(changed) == 3 and spec.run_id not in changed

@@ -67,6 +67,26 @@ def _batch(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
+def _input_covariance(
+    a: torch.Tensor, b: torch.Tensor, same: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a bᵀ`` and the squared norms of the rows of ``a`` and ``b``, consistent to the bit.
+
+    Near cos = 1 the ReLU recursion takes arccos, whose slope is infinite there: a covariance
+    one rounding away from the variance of the same input becomes an angle of ~1e-8 and the
+    NTK loses ~1e-8. So each distinct input gets one squared norm, and the covariance of two
+    identical inputs (the diagonal, for one input set) is that same number.
+    """
+    cov = a @ b.T
+    rows, inverse = torch.unique(a if same else torch.cat([a, b]), dim=0, return_inverse=True)
+    squared = (rows * rows).sum(1)
+    in_a = inverse[: len(a)]
+    in_b = in_a if same else inverse[len(a) :]
+    var1, var2 = squared[in_a], squared[in_b]
+    identical = in_a[:, None] == in_b[None, :]
+    return torch.where(identical, var1[:, None], cov), var1, var2
+
+
 def _kernels(
     x1: torch.Tensor,
     x2: torch.Tensor | None,
@@ -95,9 +115,8 @@ def _kernels(
         )
     expectations = EXPECTATIONS[activation]
     w2, b2, d = weight_std**2, bias_std**2, a.shape[1]
-    cov = w2 * (a @ b.T) / d + b2
-    var1 = w2 * (a * a).sum(1) / d + b2
-    var2 = w2 * (b * b).sum(1) / d + b2
+    cov, var1, var2 = _input_covariance(a, b, x2 is None)
+    cov, var1, var2 = w2 * cov / d + b2, w2 * var1 / d + b2, w2 * var2 / d + b2
     ntk = cov
     for _ in range(depth):
         value, derivative = expectations(cov, var1[:, None], var2[None, :])

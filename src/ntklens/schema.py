@@ -35,6 +35,18 @@ ACTIVATION_NAMES: tuple[str, ...] = get_args(ActivationName)
 
 RECORD_COLUMNS = ("step", "quantity", "value")
 
+#: RunSpec fields added after run ids were first stored: left out of the id at their default,
+#: so a run keeps the id it had in a store written before they existed.
+_ID_OMITTED_AT_DEFAULT = (
+    "stop_train_loss",
+    "stop_plateau_steps",
+    "stop_plateau_tolerance",
+    "stop_check_every",
+    "center_output",
+    "kernel0_baseline",
+    "infinite_baseline",
+)
+
 
 class RunSpec(BaseModel):
     """One run: data subset, model, optimizer and probe schedule."""
@@ -62,6 +74,7 @@ class RunSpec(BaseModel):
     parameterization: Parameterization = "standard"
     weight_std: float | None = Field(default=None, gt=0)
     bias_std: float | None = Field(default=None, ge=0)
+    center_output: bool = False  # train f(x; θ) − f(x; θ₀), θ₀ a frozen copy of the init
 
     # training
     seed: int = 0
@@ -73,12 +86,21 @@ class RunSpec(BaseModel):
     steps: int | None = Field(default=500, gt=0)
     epochs: int | None = Field(default=None, gt=0)
     schedule: Literal["constant", "cosine"] = "constant"
+    # stopping rule (steps/epochs is the cap): the train loss below stop_train_loss, or a
+    # plateau (relative fall <= stop_plateau_tolerance over stop_plateau_steps), checked on
+    # the whole training subset every stop_check_every steps
+    stop_train_loss: float | None = Field(default=None, gt=0)
+    stop_plateau_steps: int | None = Field(default=None, gt=0)
+    stop_plateau_tolerance: float = Field(default=1e-3, ge=0)
+    stop_check_every: int = Field(default=10, gt=0)
 
     # probes and baselines
     probe_points_per_decade: int = Field(default=4, ge=0)
     kernel_output: KernelOutput = "trace"
     spectral_position_batch: int = Field(default=256, gt=0)
     ridge: float = Field(default=1e-6, ge=0)
+    kernel0_baseline: bool = True
+    infinite_baseline: bool = True
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
 
@@ -89,8 +111,16 @@ class RunSpec(BaseModel):
         return self
 
     def canonical_json(self) -> str:
-        """The spec as sorted-key JSON, the input of :attr:`run_id`."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The spec as sorted-key JSON, the input of :attr:`run_id`.
+
+        Fields added later are left out while at their default, so a run keeps the id it had
+        in a store written before they existed.
+        """
+        fields = self.model_dump(mode="json")
+        for name in _ID_OMITTED_AT_DEFAULT:
+            if fields[name] == type(self).model_fields[name].default:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @property
     def run_id(self) -> str:

@@ -46,7 +46,25 @@ from ntklens.observables.spectrum import (
     von_neumann_entropy,
 )
 
+SPECTRUM_KEYS = (
+    "trace",
+    "trace_per_size",
+    "entropy",
+    "entropy_cosine",
+    "entropy_normalized",
+    "diagonal_entropy",
+    "effective_rank",
+    "participation_ratio",
+)
+ALIGNMENT_KEYS = ("alignment", "alignment_centered")
+CHANGE_KEYS = ("change", "cosine_change")
+OBSERVABLE_KEYS = SPECTRUM_KEYS + ALIGNMENT_KEYS + CHANGE_KEYS
+
 __all__ = [
+    "ALIGNMENT_KEYS",
+    "CHANGE_KEYS",
+    "OBSERVABLE_KEYS",
+    "SPECTRUM_KEYS",
     "EigenvalueEstimate",
     "Estimate",
     "SpectralPosition",
@@ -116,5 +134,8 @@ def kernel_observables(
 ) -> dict[str, float]:
     """Per-probe scalars: trace, trace_per_size, entropy, entropy_cosine, entropy_normalized,
     diagonal_entropy, effective_rank, participation_ratio; with ``targets`` also alignment and
-    alignment_centered; with a ``reference`` kernel Θ₀ also change and cosine_change."""
+    alignment_centered; with a ``reference`` kernel Θ₀ also change and cosine_change.
+
+    Integer class labels (N,) as ``targets`` are converted to one-hot targets (see
+    :func:`~ntklens.observables.alignment.kernel_target_alignment`)."""
     return kernel_observables_and_spectrum(k, targets, reference)[0]

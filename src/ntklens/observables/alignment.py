@@ -22,9 +22,13 @@ def _target_matrix(
     """Targets as a float64 (n, c) matrix with one row per kernel row.
 
     Accepts (n,) and (n, c); for a flattened full kernel (n = N*K) also (N, K) targets, which
-    are flattened row-major to match the kernel's row index ``i*K + a``.
+    are flattened row-major to match the kernel's row index ``i*K + a``. Integer (N,) targets
+    are class labels and become one-hot rows (see :func:`_one_hot_labels`).
     """
-    y = torch.as_tensor(targets, device=device).to(torch.float64)
+    y = torch.as_tensor(targets, device=device)
+    if y.ndim == 1 and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        y = _one_hot_labels(y, size)
+    y = y.to(torch.float64)
     if y.ndim == 1 and y.shape[0] == size:
         return y[:, None]
     if y.ndim == 2 and y.shape[0] == size:
@@ -35,6 +39,26 @@ def _target_matrix(
         f"targets must have shape (n,) or (n, c) with n = {size} kernel rows, or (N, K) with "
         f"N*K = {size} for a flattened full kernel; got shape {tuple(y.shape)}"
     )
+
+
+def _one_hot_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Integer class labels (N,) as one-hot targets: (N, C) rows with C = max label + 1 for a
+    trace kernel (N = n; the label count does not change YYᵀ), or the flattened (N*K,)
+    one-hot vector with index ``i*K + a`` for a flattened full kernel (n = N*K)."""
+    if len(labels) == 0 or int(labels.min()) < 0:
+        raise NtkLensError(
+            "integer targets are class labels and must be >= 0; pass float targets to regress"
+        )
+    if len(labels) == size:
+        return torch.nn.functional.one_hot(labels.long(), int(labels.max()) + 1)
+    n_outputs = size // len(labels)
+    if n_outputs * len(labels) != size or int(labels.max()) >= n_outputs:
+        raise NtkLensError(
+            f"integer class labels of length {len(labels)} fit neither a trace kernel with "
+            f"{size} rows nor a full one with {size} = N*K rows and labels < K; pass labels "
+            "for the kernel's inputs"
+        )
+    return torch.nn.functional.one_hot(labels.long(), n_outputs).reshape(-1)
 
 
 def _centered(matrix: torch.Tensor) -> torch.Tensor:
@@ -49,7 +73,12 @@ def _ratio(numerator: float, denominator: float) -> float:
 def kernel_target_alignment(
     k: KernelLike, targets: torch.Tensor | np.ndarray, *, centered: bool = False
 ) -> float:
-    """⟨Θ, YYᵀ⟩ / (‖Θ‖ ‖YYᵀ‖); centered applies H = I − 11ᵀ/n to both (Cortes et al. 2012)."""
+    """⟨Θ, YYᵀ⟩ / (‖Θ‖ ‖YYᵀ‖); centered applies H = I − 11ᵀ/n to both (Cortes et al. 2012).
+
+    ``targets`` are float values (n,) or (n, c), or integer class labels (N,), which become
+    one-hot targets (never one regression target 0, 1, 2, ...); a full kernel's labels are
+    one-hot over its K outputs.
+    """
     matrix = as_kernel_matrix(k)
     y = _target_matrix(targets, matrix.shape[0], matrix.device)
     if not bool(torch.isfinite(y).all()):

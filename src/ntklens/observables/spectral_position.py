@@ -8,6 +8,12 @@ the full eNTK (N*K, N*K) on the same inputs (arXiv 2605.31244):
 χ_pos is near 1/(N*K) for a flat spectrum and larger when g lies along the top eigenmodes.
 Because gᵀΘg = ‖Jᵀg‖² = ‖∇_θ L‖², χ_pos needs no kernel: :func:`spectral_position_matrix_free`
 gets it from one backward pass plus χ_net, exact or by Hutchinson.
+
+For a loss that averages over a batch of |B| examples, g carries a factor 1/|B| and Tr Θ sums
+|B| diagonal blocks, so χ_loss scales like 1/|B| and χ_net like |B|. The seed authors'
+normalization, :meth:`SpectralPosition.normalized`, removes both:
+χ̃_loss = |B| · χ_loss (the mean over examples of ‖∂ℓ_i/∂f_i‖²) and χ̃_net = χ_net / |B| (the
+mean per-example Tr Θ_ii). χ_pos is unchanged, since χ̃_loss · χ̃_net = χ_loss · χ_net.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ class SpectralPosition:
     chi_net: float
     chi_pos: float
     chi_net_stderr: float = 0.0
+
+    def normalized(self, batch_size: int) -> SpectralPosition:
+        """The seed authors' normalization for a mean-reduced loss over ``batch_size`` examples:
+        χ̃_loss = |B|·χ_loss, χ̃_net = χ_net/|B| (and its stderr), χ_pos unchanged."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise NtkLensError(f"batch_size must be a positive integer; got {batch_size!r}")
+        return SpectralPosition(
+            chi_loss=self.chi_loss * batch_size,
+            chi_net=self.chi_net / batch_size,
+            chi_pos=self.chi_pos,
+            chi_net_stderr=self.chi_net_stderr / batch_size,
+        )
 
 
 def _position(

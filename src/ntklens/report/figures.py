@@ -183,7 +183,7 @@ def spectral_position_over_training(data: StudyData, summary: dict[str, Any]) ->
 def infinite_width_reference(data: StudyData, summary: dict[str, Any]) -> Figure:
     """Test error of network, step-0 kernel and infinite-width NTK regression against n;
     and how far each kernel observable at init lies from its infinite-width value."""
-    columns = [c for c in data.runs.columns if c.startswith("infinite_")]
+    columns = [c for c in data.runs.columns if c.startswith(("infinite_test_", "infinite_ntk_"))]
     families = sorted(data.runs.loc[data.runs[columns].notna().any(axis=1), "family"].unique())
     if not families:
         raise FigureUnavailable(

@@ -111,6 +111,7 @@ class ModelSection(_Section):
     activation: ActivationName = "relu"
     weight_std: float | None = Field(default=None, gt=0)
     bias_std: float | None = Field(default=None, ge=0)
+    center_output: bool = False
 
 
 class TrainSection(_Section):
@@ -126,6 +127,10 @@ class TrainSection(_Section):
     steps: int | None = Field(default=None, gt=0)
     epochs: int | None = Field(default=None, gt=0)
     schedule: Literal["constant", "cosine"] = "constant"
+    stop_train_loss: float | None = Field(default=None, gt=0)
+    stop_plateau_steps: int | None = Field(default=None, gt=0)
+    stop_plateau_tolerance: float = Field(default=1e-3, ge=0)
+    stop_check_every: int = Field(default=10, gt=0)
     ridge: float = Field(default=1e-6, ge=0)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"

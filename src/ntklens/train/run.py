@@ -1,5 +1,5 @@
 """One training run: data, model and optimizer from a :class:`RunSpec`, probes on a schedule,
-kernel baselines at the end.
+kernel baselines at the end (or at the step where the stopping rule is met).
 
 :func:`prepare` checks and builds everything a run needs, so every user error (unknown
 dataset, missing files, sizes, model options) surfaces as an :class:`NtkLensError` before
@@ -35,10 +35,12 @@ from ntklens.data import (
 from ntklens.errors import ConfigError, DataError
 from ntklens.infinite import infinite_kernel_for
 from ntklens.models import WidthModel, build_model
+from ntklens.models.centering import CenteredModel
 from ntklens.schema import RECORD_COLUMNS, RunResult, RunSpec, Spectrum
 from ntklens.train.baselines import infinite_baseline, infinite_probe, kernel0_baseline
 from ntklens.train.losses import LOSSES, LossFn, NonFiniteLoss, loss_targets, one_hot
-from ntklens.train.probes import Prober, Split, probe_steps
+from ntklens.train.probes import Prober, Split, evaluate, position_batch, probe_steps
+from ntklens.train.stopping import StoppingRule
 
 OnProbe = Callable[[int, dict[str, float]], None]
 
@@ -235,7 +237,7 @@ class RunSetup:
     """Everything a run needs, built and checked, before its first step."""
 
     data: RunData
-    model: WidthModel
+    model: nn.Module  # the trained network: the spec's model, centered if center_output
     loss_fn: LossFn
     n_steps: int
     loop: TrainingLoop
@@ -269,9 +271,11 @@ def prepare(spec: RunSpec) -> RunSetup:
             "set momentum=0 for adam (its beta1 is fixed at 0.9)"
         )
     data = load_run_data(spec)
-    model = build_run_model(spec, data)
+    network = build_run_model(spec, data)
     n_steps = total_steps(spec, len(data.train.x))
-    optimizer, scheduler = build_optimizer(model, spec, n_steps)
+    optimizer, scheduler = build_optimizer(network, spec, n_steps)
+    # Centering wraps the network after the optimizer took its parameters.
+    model = CenteredModel(network) if spec.center_output else network
     loss_fn = LOSSES[spec.loss]
     loop = TrainingLoop(
         model,
@@ -301,6 +305,10 @@ def _failure_message(spec: RunSpec, error: Exception, step: int, n_steps: int) -
 def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
     """Train the run of ``spec``, probing on its schedule; kernel baselines at the end.
 
+    The last probe (at the cap, or where the spec's stopping rule of
+    :mod:`ntklens.train.stopping` is met) also records ``stopped_step``, ``stop_met`` (1 or 0;
+    only with a rule) and the kernel baselines the spec asks for. With ``center_output`` the
+    network trained and probed is :class:`~ntklens.models.centering.CenteredModel`.
     ``on_probe(step, values)`` is called after each probe with that probe's quantities.
     User errors raise before training; a failure during training returns a result with
     ``status="failed"``, a one-line ``error``, ``failed_step`` and the records so far.
@@ -310,26 +318,25 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
     data, model = setup.data, setup.model
     probe_one_hot = one_hot(data.probe_labels, data.n_classes, torch.float64)
     prober = Prober(
+        model,
         train=data.train,
         test=data.test,
         probe_x=data.probe_x,
         probe_one_hot=probe_one_hot,
-        position_batch=Split(
-            x=data.train.x[: spec.spectral_position_batch],
-            labels=data.train.labels[: spec.spectral_position_batch],
-            targets=data.train.targets[: spec.spectral_position_batch],
-        ),
+        position_batch=position_batch(data.train, spec.spectral_position_batch),
         loss_fn=setup.loss_fn,
         kernel_output=spec.kernel_output,
     )
     initial_model = copy.deepcopy(model)
-    infinite_kernel = infinite_kernel_for(model)
+    base = model.model if isinstance(model, CenteredModel) else model
+    infinite_kernel = infinite_kernel_for(base) if spec.infinite_baseline else None
+    stopping = StoppingRule.from_spec(spec)
+    schedule = probe_steps(setup.n_steps, spec.probe_points_per_decade)
     rows: list[tuple[int, str, float]] = []
     spectra: list[Spectrum] = []
     status: Literal["ok", "failed"]
     try:
-        for step in probe_steps(setup.n_steps, spec.probe_points_per_decade):
-            setup.loop.advance(step)
+        for step, final, stop_met in _events(setup, schedule, stopping):
             values, spectrum = prober.measure(model, step)
             spectra.append(spectrum)
             if step == 0 and infinite_kernel is not None:
@@ -343,9 +350,13 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
                 )
                 values.update(infinite_values)
                 spectra.append(infinite_spectrum)
-            if step == setup.n_steps:
+            if final:
+                values["stopped_step"] = float(step)
+                if stopping is not None:
+                    values["stop_met"] = float(stop_met)
                 args = (data.train, data.test, data.n_classes, spec.ridge)
-                values.update(kernel0_baseline(initial_model, *args))
+                if spec.kernel0_baseline:
+                    values.update(kernel0_baseline(initial_model, *args))
                 if infinite_kernel is not None:
                     values.update(infinite_baseline(infinite_kernel, *args))
             rows.extend((step, quantity, value) for quantity, value in values.items())
@@ -366,6 +377,35 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
         failed_step=failed_step,
         wall_time_s=time.perf_counter() - started,
     )
+
+
+def _events(
+    setup: RunSetup, schedule: list[int], stopping: StoppingRule | None
+) -> Iterator[tuple[int, bool, bool]]:
+    """Train through the probe schedule; yield ``(step, final, stop_met)`` at each probe.
+
+    Without a stopping rule the probes are the schedule's. With one, the train loss is
+    checked at the rule's check steps; the first check that meets it ends the run there,
+    with a final probe at that step (``stop_met``); else the run ends at the cap.
+    """
+    loop = setup.loop
+    pending = iter(schedule)
+    next_probe = next(pending)
+    next_check = None if stopping is None else 0
+    while True:
+        target = next_probe if next_check is None else min(next_probe, next_check)
+        loop.advance(target)
+        stop_met = False
+        if stopping is not None and target == next_check:
+            loss = evaluate(setup.model, setup.data.train, setup.loss_fn)[0]
+            stop_met = stopping.check(target, loss)
+            next_check += stopping.check_every
+        final = stop_met or target == setup.n_steps
+        if target == next_probe or final:
+            yield target, final, stop_met
+            if final:
+                return
+            next_probe = next(pending)
 
 
 def _records(rows: list[tuple[int, str, float]]) -> pd.DataFrame:
