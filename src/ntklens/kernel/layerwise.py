@@ -224,7 +224,8 @@ class LayerwisePlan:
                 rule = _describe(g, uses)
                 rules[name] = rule if name not in rules else f"{rules[name]} + {rule}"
             if g.bias is not None:
-                rules[g.bias] = f"bias folded into {g.key}'s Gram"
+                into = "Gram" if g.mode == "gram" else "per-sample gradients"
+                rules[g.bias] = f"bias folded into {g.key}'s {into}"
         fallback = [name for name in params if name not in rules]
         for key, derived in rec_a.derived.items():
             for name in (derived.v, derived.g):
@@ -365,6 +366,10 @@ class LayerwisePlan:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
         if group.mode == "gram":
             return [GramFeatures(inputs, None, cot, bias=group.bias_square)]
+        if group.bias is not None:  # the bias as one more input, constant c
+            c = math.sqrt(group.bias_square)
+            ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
+            inputs = torch.cat([inputs, ones], dim=2)
         return [_weight_grads(cot, inputs)]
 
     def _weight_norm_features(self, wn: WeightNorm, inputs: Tensor, cot: Tensor) -> list[Feature]:
@@ -549,7 +554,7 @@ def _fold_biases(groups: list[_Group], uses: list[Use], params: dict[str, Tensor
         if len(owners) != 1 or len(attached) != len(set(attached)):
             continue
         owner = owners[0]
-        if owner.mode != "gram" or owner.weight_norm is not None or owner.bias is not None:
+        if owner.weight_norm is not None or owner.bias is not None:
             continue
         identity = torch.arange(params[bias].numel(), dtype=torch.int32)
         if not all(torch.equal(u.idx.reshape(-1), identity) for u in bias_uses):
