@@ -172,9 +172,7 @@ class Recorder(TorchFunctionMode):
     def _arange(self, key: str) -> Tensor:
         if key not in self._aranges:
             shape = self.shapes[key]
-            n = math.prod(shape)
-            dtype = torch.int32 if n < 2**31 else torch.int64
-            self._aranges[key] = torch.arange(n, dtype=dtype).view(shape)
+            self._aranges[key] = _counting(math.prod(shape)).view(shape)
         return self._aranges[key]
 
     def _track(self, tensor: Tensor, key: str, idx: Tensor, scale: float) -> None:
@@ -365,6 +363,19 @@ class Recorder(TorchFunctionMode):
                 pshape=pshape,
             )
         )
+
+
+_COUNTING: list[Tensor] = [torch.arange(0, dtype=torch.int32)]
+
+
+def _counting(n: int) -> Tensor:
+    """0, 1, …, n-1 as a view of one cached int32 range (grown on demand): index maps of
+    large weights then cost no allocation per call."""
+    if n >= 2**31:
+        return torch.arange(n)
+    if len(_COUNTING[0]) < n:
+        _COUNTING[0] = torch.arange(max(n, 2 * len(_COUNTING[0])), dtype=torch.int32)
+    return _COUNTING[0][:n]
 
 
 def _kind(func: Any) -> str | None:
