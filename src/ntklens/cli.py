@@ -366,9 +366,9 @@ def _saved_model_kernel(
     """Load the model and the probe set, checking both, then the kernel and observables."""
     import torch
 
-    from ntklens import flatten
-    from ntklens import ntk as entk
     from ntklens.data import load_dataset, preprocess, probe_indices
+    from ntklens.kernel import flatten
+    from ntklens.kernel import ntk as entk
     from ntklens.observables import kernel_observables
     from ntklens.train.probes import kernel_targets
 
