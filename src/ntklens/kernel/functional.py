@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -164,6 +164,25 @@ class ModelProbe:
     element_size: int
 
 
+def per_sample(small: ModelProbe, large: ModelProbe, n_small: int, n_large: int) -> ModelProbe:
+    """Per-sample costs as the difference of two probes at different batch sizes.
+
+    Work that does not grow with the batch (a parametrization materializing its weight,
+    learned queries) then does not count as per-sample; linear costs are unchanged.
+    """
+    spread = n_large - n_small
+
+    def slope(a: float, b: float) -> float:
+        value = (b * n_large - a * n_small) / spread
+        return value if value > 0 else a
+
+    return replace(
+        small,
+        forward_flops=slope(small.forward_flops, large.forward_flops),
+        activation_bytes=slope(small.activation_bytes, large.activation_bytes),
+    )
+
+
 class _ActivationCounter(TorchFunctionMode):
     """Counts the elements of every floating-point tensor the forward pass produces."""
 
@@ -180,12 +199,16 @@ class _ActivationCounter(TorchFunctionMode):
 
 
 def probe_model(
-    model: nn.Module, x: Tensor, also: TorchFunctionMode | None = None, n_samples: int = 2
+    model: nn.Module,
+    x: Tensor,
+    also: TorchFunctionMode | None = None,
+    n_samples: int = 2,
+    outputs: list[Tensor] | None = None,
 ) -> ModelProbe:
     """Forward FLOPs, activation bytes and output count per sample of ``model`` on ``x``.
 
     ``also``: another mode to observe the same forward pass (which runs with autograd on,
-    as in a real computation).
+    as in a real computation); ``outputs``: a list that receives the model's output.
     """
     batch = x[:n_samples]
     counter = _ActivationCounter()
@@ -196,6 +219,8 @@ def probe_model(
         also if also is not None else nullcontext(),
     ):
         out = model_output(model, batch)
+    if outputs is not None:
+        outputs.append(out)
     params = trainable_parameters(model)
     element_size = next(iter(params.values())).element_size()
     return ModelProbe(

@@ -40,6 +40,7 @@ from ntklens.errors import NtkLensError
 from ntklens.kernel.functional import (
     ModelProbe,
     model_output,
+    per_sample,
     probe_model,
     trainable_parameters,
 )
@@ -154,18 +155,19 @@ class LayerwisePlan:
 
         The batches hold samples (s0, s1) and (s1, s0, s2) of ``x`` (then ``x2``, repeated
         if there are fewer). ``n_pairs`` (sample pairs per sample featurized) weighs
-        per-sample work against per-pair work. The first pass also measures the model's
-        per-sample costs, returned with the plan.
+        per-sample work against per-pair work. The same passes measure the model's
+        per-sample costs (their difference), returned with the plan.
         """
         params = trainable_parameters(model)
         pool = x[:3] if x2 is None or len(x) >= 3 else torch.cat([x[:3], x2[: 3 - len(x)]])
         samples = pool[[0 % len(pool), 1 % len(pool), 2 % len(pool)]]
         aranges: dict[str, Tensor] = {}
         rec_a, rec_b = Recorder(params, aranges), Recorder(params, aranges)
-        probe = probe_model(model, samples[[0, 1]], also=rec_a)
-        with torch.enable_grad(), rec_b:
-            out_b = model_output(model, samples[[1, 0, 2]])
-        _detach_shared_chains(rec_a.uses, rec_b.uses, out_b)
+        probe_a = probe_model(model, samples[[0, 1]], also=rec_a)
+        outputs: list[Tensor] = []
+        probe_b = probe_model(model, samples[[1, 0, 2]], rec_b, _PROBE_B, outputs)
+        probe = per_sample(probe_a, probe_b, _PROBE_A, _PROBE_B)
+        _detach_shared_chains(rec_a.uses, rec_b.uses, outputs[0])
         plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full)
         plan.aranges = aranges
         return plan, probe
