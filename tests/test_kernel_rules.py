@@ -427,3 +427,17 @@ def test_output_fn_selects_the_output(build: Callable[[], nn.Module], select: Ca
     v = torch.randn(3, 2, dtype=torch.float64)
     matvec = ntk_matvec(model, x, output_fn=select)
     assert_close(matvec(v).reshape(-1), ntklens.flatten(expected) @ v.reshape(-1))
+
+
+def test_per_sample_costs_leave_out_per_call_work() -> None:
+    """A parametrization materializes its weight once per call: not a per-sample cost."""
+    torch.manual_seed(0)
+    wide = nn.utils.parametrizations.weight_norm(nn.Linear(64, 64))
+    plain = nn.Linear(64, 64)
+    x = torch.randn(4, 64)
+    probes = []
+    for model in (wide, plain):
+        with eval_mode(model):
+            probes.append(LayerwisePlan.probe(model, x, n_pairs=2.0, full=False)[1])
+    assert probes[0].activation_bytes <= 2 * probes[1].activation_bytes
+    assert probes[0].forward_flops == pytest.approx(probes[1].forward_flops)
