@@ -441,3 +441,19 @@ def test_per_sample_costs_leave_out_per_call_work() -> None:
             probes.append(LayerwisePlan.probe(model, x, n_pairs=2.0, full=False)[1])
     assert probes[0].activation_bytes <= 2 * probes[1].activation_bytes
     assert probes[0].forward_flops == pytest.approx(probes[1].forward_flops)
+
+
+def test_shared_cotangents_take_the_cheap_contraction_exactly() -> None:
+    """A per-position layer followed only by linear maps has the same cotangents for every
+    sample: the plan must flag them shared, and the kernel still match the Jacobian."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 2), nn.Flatten(), nn.Linear(4, 3)).double()
+    x1, x2 = _randn(5, 1, 2, 12), _randn(4, 2, 2, 12)
+    plan, _ = LayerwisePlan.probe(model, x1, n_pairs=2.0, full=True)
+    features = plan.features(model, x1)
+    grams = [f for f in features if getattr(f, "inputs", None) is not None]
+    per_position = [f for f in grams if f.cotangents.shape[-1] == 2]
+    assert len(per_position) == 1 and per_position[0].shared and per_position[0].bias
+    for output, other in itertools.product(("full", "trace"), (None, x2)):
+        kernel = ntklens.ntk(model, x1, other, output=output, method="layerwise")
+        assert_close(kernel, reference_kernel(model, x1, other, output))

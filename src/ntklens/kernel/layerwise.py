@@ -86,12 +86,15 @@ class GramFeatures:
     """A use's inputs (T, Gr, D, L) or tokens (T, L), and cotangents (T, K, Gr, C, L).
 
     ``bias``: c² for a bias folded in as an input c at every position (0: none).
+    ``shared``: every sample's cotangents are the same (a use followed only by linear
+    maps to the outputs), which the contraction exploits.
     """
 
     inputs: Tensor | None
     tokens: Tensor | None
     cotangents: Tensor
     bias: float
+    shared: bool = False
 
     def __len__(self) -> int:
         return len(self.cotangents)
@@ -102,6 +105,7 @@ class GramFeatures:
             None if self.tokens is None else self.tokens[rows],
             self.cotangents[rows],
             self.bias,
+            self.shared,
         )
 
 
@@ -367,7 +371,8 @@ class LayerwisePlan:
         if group.weight_norm is not None:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
         if group.mode == "gram":
-            return [GramFeatures(inputs, None, cot, bias=group.bias_square)]
+            shared = bool(torch.equal(cot, cot[:1].expand_as(cot)))
+            return [GramFeatures(inputs, None, cot, bias=group.bias_square, shared=shared)]
         if group.bias is not None:  # the bias as one more input, constant c
             c = math.sqrt(group.bias_square)
             ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
@@ -752,6 +757,9 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     t1, k, _, c, _ = g1.shape
     t2 = len(g2)
     full = block.dim() == 4
+    if f1.shared and f2.shared and torch.equal(g1[0], g2[0]):
+        _add_shared_gram_product(block, f1, f2)
+        return
     s = _input_gram(f1, f2)
     if f1.bias:
         s += f1.bias
@@ -768,6 +776,27 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     else:
         gg = torch.einsum("iagcl,jagcm->giljm", g1, g2)
         block.add_(torch.einsum("giljm,giljm->ij", s, gg))
+
+
+def _add_shared_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None:
+    """The Gram product when every sample has the same cotangents G: with
+    Γ_ab[g,l,m] = Σ_c G_agcl G_bgcm, the block is Σ_{g,d,l} A_igdl (A_j Γ_abᵀ)_gdl, plus
+    c² Σ Γ_ab for a folded bias. Per pair Gr·D·L in place of Gr·L²·(D + K·C)."""
+    a1, a2 = f1.inputs, f2.inputs
+    assert a1 is not None and a2 is not None
+    g = f1.cotangents[0]  # (K, Gr, C, L)
+    if block.dim() == 4:
+        gamma = torch.einsum("agcl,bgcm->abglm", g, g)
+        y = torch.einsum("jgdm,abglm->jabgdl", a2, gamma)
+        block.add_(torch.einsum("igdl,jabgdl->iajb", a1, y))
+        if f1.bias:
+            block.add_(f1.bias * gamma.sum(dim=(2, 3, 4))[None, :, None, :])
+        return
+    gamma = torch.einsum("agcl,agcm->glm", g, g)
+    y = torch.einsum("jgdm,glm->jgdl", a2, gamma)
+    block.add_(a1.reshape(len(a1), -1) @ y.reshape(len(y), -1).T)
+    if f1.bias:
+        block.add_(f1.bias * gamma.sum())
 
 
 def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, float]:
