@@ -3,7 +3,7 @@
 PYTHON ?= python3
 OUT ?= results/quick
 
-.PHONY: install demo test test-fast test-slow lint bench
+.PHONY: install demo test test-fast test-slow lint bench docs
 
 install: .installed
 
@@ -32,3 +32,6 @@ bench: .installed
 	$(PYTHON) benchmarks/ntk_speed.py
 	$(PYTHON) benchmarks/train_speed.py
 	$(PYTHON) benchmarks/sweep_speed.py
+
+docs: .installed
+	$(PYTHON) -m mkdocs build --strict --site-dir build/site

@@ -23,6 +23,7 @@ from ntklens.data import download_dataset, load_dataset, registry
 from ntklens.data.download import download_file, fetch_verified
 from ntklens.data.formats import read_idx
 from ntklens.errors import DataError, DataNotFoundError
+from ntklens.errors import NtkLensError as NtkLensErrorType
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_TYPE_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}
@@ -436,3 +437,259 @@ def test_fetch_falls_back_to_next_url_and_reuses_verified_file(
 def test_download_of_a_builtin_dataset_is_an_error() -> None:
     with pytest.raises(DataError, match="nothing to download for dataset 'digits'"):
         download_dataset("digits")
+
+
+# --- your own data: .npz files and data factories --------------------------------------
+
+
+def _arrays(seed: int = 0, n: int = 60, shape: tuple[int, ...] = (3, 5, 5), k: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(n, *shape)).astype(np.float64),
+        "y": np.arange(n) % k,
+        "x_test": rng.normal(size=(n // 2, *shape)).astype(np.float32),
+        "y_test": rng.integers(0, k, n // 2),
+    }
+
+
+def test_npz_round_trips_its_splits(tmp_path: Path) -> None:
+    arrays = _arrays()
+    np.savez(tmp_path / "own.npz", **arrays)
+    ds = load_dataset("npz", path=tmp_path / "own.npz")
+    assert ds.n_classes == 3 and ds.x_train.dtype == torch.float32
+    np.testing.assert_array_equal(ds.x_train.numpy(), arrays["x"].astype(np.float32))
+    np.testing.assert_array_equal(ds.y_train.numpy(), arrays["y"])
+    np.testing.assert_array_equal(ds.x_test.numpy(), arrays["x_test"])
+    np.testing.assert_array_equal(ds.y_test.numpy(), arrays["y_test"])
+    ds.x_train.zero_()  # loads are independent copies
+    assert load_dataset("npz", path=tmp_path / "own.npz").x_train.abs().sum() > 0
+
+
+def test_npz_without_test_split_holds_out_a_stratified_fifth(tmp_path: Path) -> None:
+    arrays = _arrays(n=100, shape=(4,), k=4)
+    np.savez(tmp_path / "own.npz", x=arrays["x"], y=arrays["y"])
+    ds = load_dataset("npz", path=tmp_path / "own.npz")
+    assert (len(ds.y_train), len(ds.y_test)) == (80, 20)
+    rows = {tuple(r) for r in arrays["x"].astype(np.float32).tolist()}
+    train = {tuple(r) for r in ds.x_train.tolist()}
+    test = {tuple(r) for r in ds.x_test.tolist()}
+    assert train | test == rows and not train & test
+    assert np.bincount(ds.y_test.numpy()).tolist() == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((4, 2))}, "lacks y"),
+        ({"x": np.zeros((4, 2)), "labels": np.zeros(4, int)}, "lacks y"),
+        ({"x": np.zeros((4, 2)), "y": np.zeros(4, int), "z": np.zeros(1)}, "has keys ['z']"),
+        ({"x": np.zeros((4, 2)), "y": np.zeros(4)}, "labels must be a 1-D integer array"),
+        ({"x": np.array([["a", "b"]] * 4), "y": np.zeros(4, int)}, "inputs must be a real"),
+        ({"x": np.zeros(4), "y": np.zeros(4, int)}, "shape (N, features...)"),
+        ({"x": np.zeros((4, 2)), "y": np.zeros(5, int)}, "x has 4 rows but y has 5"),
+        (
+            {
+                "x": np.zeros((4, 2)),
+                "y": np.arange(4),
+                "x_test": np.zeros((2, 3)),
+                "y_test": np.arange(2),
+            },
+            "same example shape",
+        ),
+        ({"x": np.zeros((4, 2)), "y": np.array([0, 1, -1, 0])}, "class indices >= 0"),
+        ({"x": np.full((10, 2), np.nan), "y": np.arange(10) % 2}, "NaN"),
+    ],
+)
+def test_bad_npz_files_are_one_line_data_errors(tmp_path: Path, arrays: dict, message: str) -> None:
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError) as error:
+        load_dataset("npz", path=tmp_path / "bad.npz")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_npz_that_is_not_an_archive(tmp_path: Path) -> None:
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "text.npz").write_text("hello")
+    for name, message in (("one.npy", "holds one array"), ("text.npz", "cannot read an array")):
+        with pytest.raises(DataError, match=message):
+            load_dataset("npz", path=tmp_path / name)
+    with pytest.raises(DataError, match=r"no such \.npz file"):
+        load_dataset("npz", path=tmp_path / "missing.npz")
+
+
+DATA_FACTORIES = """
+import numpy as np
+import torch
+from ntklens.data import Dataset
+
+
+def as_tuple(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.normal(size=(n, 6))), np.arange(n) % 2
+
+
+def as_dict(n=40):
+    x, y = as_tuple(n)
+    return {"x": x, "y": y, "x_test": x[:10], "y_test": y[:10]}
+
+
+def as_dataset():
+    x, y = as_tuple()
+    x = x.float()
+    y = torch.from_numpy(y)
+    return Dataset("mine", x, y, x, y, 2, ("a", "b"))
+
+
+def bad():
+    return "nope"
+"""
+
+
+def test_data_factories_return_tuples_dicts_or_datasets(tmp_path: Path) -> None:
+    path = tmp_path / "my_data.py"
+    path.write_text(DATA_FACTORIES)
+    one = load_dataset(f"{path}:as_tuple", n=50)
+    assert (len(one.y_train), len(one.y_test), one.n_classes) == (40, 10, 2)
+    two = load_dataset(f"{path}:as_dict")
+    assert (len(two.y_train), len(two.y_test)) == (40, 10)
+    torch.testing.assert_close(two.x_test, two.x_train[:10])
+    assert load_dataset(f"{path}:as_dataset").name == "mine"
+    with pytest.raises(DataError, match="returned a str"):
+        load_dataset(f"{path}:bad")
+    with pytest.raises(NtkLensErrorType, match="raised TypeError"):
+        load_dataset(f"{path}:as_tuple", colour="red")
+
+
+NPZ_STUDY = """
+name = "own-data"
+[data]
+dataset = "npz"
+path = "{path}"
+n_test = 20
+[probe]
+n = {n_probe}
+split = "train"
+[model]
+family = "cnn"
+depth = 1
+[train]
+steps = 2
+[sweep]
+widths = [4]
+n_train = [{n_train}]
+"""
+
+
+def _npz_study(tmp_path: Path, path: Path, n_train: int = 30, n_probe: int = 12) -> Path:
+    config = tmp_path / "study.toml"
+    config.write_text(NPZ_STUDY.format(path=path, n_train=n_train, n_probe=n_probe))
+    return config
+
+
+def test_npz_shape_flows_into_the_plan_and_the_run(tmp_path: Path) -> None:
+    from ntklens.sweep.config import load_config
+    from ntklens.sweep.planning import data_shape, plan, plan_table
+    from ntklens.train.run import load_run_data
+
+    arrays = _arrays(n=60, shape=(3, 5, 5), k=3)
+    np.savez(tmp_path / "own.npz", **arrays)
+    specs = plan(load_config(_npz_study(tmp_path, tmp_path / "own.npz")))
+    assert data_shape(specs[0]) == ((3, 5, 5), 3, 20)
+    # one 3×3 conv 3→4 channels (padding 1) and a Linear head on 4·5·5 features, 3 classes
+    assert plan_table(specs)["params"].tolist() == [3 * 9 * 4 + 4 + 4 * 25 * 3 + 3]
+    # nested subsets and standardization as for built-in sets
+    small = load_run_data(specs[0].model_copy(update={"n_train": 20}))
+    large = load_run_data(specs[0])
+    rows = {tuple(r) for r in large.train.x.flatten(1).tolist()}
+    assert {tuple(r) for r in small.train.x.flatten(1).tolist()} <= rows
+    x = arrays["x"].astype(np.float32).astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    std = x.std(axis=(0, 2, 3), keepdims=True, ddof=1)
+    expected = ((x - mean) / std).reshape(60, -1)
+    got = large.train.x.flatten(1).double().numpy()
+    distance = np.abs(got[:, None] - expected[None]).max(axis=2)  # (30, 60)
+    assert (distance.min(axis=1) < 1e-5).all()  # every row is a standardized input
+    assert len(set(distance.argmin(axis=1))) == 30  # of 30 different inputs
+    assert large.probe_x.shape == (12, 3, 5, 5)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "n_train", "n_probe", "message"),
+    [
+        ({"x": np.zeros((40, 3, 5, 5)), "y": np.zeros(40)}, 30, 12, "labels must be"),
+        ({"x": np.zeros((40, 3, 5, 5)), "y": np.arange(41) % 2}, 30, 12, "x has 40 rows"),
+        ({"x": np.zeros((40, 3, 5, 5))}, 30, 12, "lacks y"),
+        (_arrays(n=60), 61, 12, "sweep.n_train: 61 exceeds the 60"),
+        (_arrays(n=60), 30, 61, "probe.n: 61 probe points"),
+    ],
+)
+def test_bad_npz_fails_at_plan_time_with_exit_2(
+    tmp_path: Path, arrays: dict, n_train: int, n_probe: int, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from ntklens.cli import app
+
+    np.savez(tmp_path / "own.npz", **arrays)
+    config = _npz_study(tmp_path, tmp_path / "own.npz", n_train, n_probe)
+    store = tmp_path / "store"
+    for command in (["plan", str(config)], ["sweep", str(config), "--store", str(store)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and result.output.count("\n") == 1
+    assert not store.exists()
+
+
+FACTORY_STUDY = """
+name = "own-data-factory"
+[data]
+factory = "{path}:as_tuple"
+options = {{ n = 60 }}
+n_test = 10
+[probe]
+n = 10
+[train]
+steps = 2
+[sweep]
+widths = [4]
+n_train = [40]
+"""
+
+
+def test_data_factory_in_a_study_flows_its_shape_and_options(tmp_path: Path) -> None:
+    from ntklens.sweep.config import load_config
+    from ntklens.sweep.planning import data_shape, plan
+
+    path = tmp_path / "my_data.py"
+    path.write_text(DATA_FACTORIES)
+    config = tmp_path / "study.toml"
+    config.write_text(FACTORY_STUDY.format(path=path))
+    [spec] = plan(load_config(config))
+    assert spec.dataset == f"{path.resolve()}:as_tuple" and spec.data_kwargs == {"n": 60}
+    assert data_shape(spec) == ((6,), 2, 10)  # 60 rows: 48 train, 12 held out, n_test 10
+    too_many = config.read_text().replace("n_train = [40]", "n_train = [49]")
+    config.write_text(too_many)
+    with pytest.raises(NtkLensErrorType, match="49 exceeds the 48 training examples"):
+        plan(load_config(config))
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ('dataset = "digits"\noptions = { n = 3 }', "data.options"),
+        ('dataset = "digits"\nfactory = "{path}:as_tuple"', "data.dataset"),
+        ('dataset = "npz"', "data.path"),
+        ('factory = "not a reference"', "data.factory"),
+    ],
+)
+def test_data_keys_that_do_not_go_together(tmp_path: Path, data: str, key: str) -> None:
+    from ntklens.errors import ConfigError
+    from ntklens.sweep.config import load_config
+
+    path = tmp_path / "my_data.py"
+    path.write_text(DATA_FACTORIES)
+    config = tmp_path / "study.toml"
+    data = data.replace("{path}", str(path))
+    config.write_text(f"name = 'x'\n[data]\n{data}\n[sweep]\nwidths = [4]\nn_train = [8]\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(config)

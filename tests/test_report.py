@@ -269,23 +269,38 @@ def test_summary_table_shows_every_fitted_number(report: ReportResult, html: Tab
     for family, groups in report.summary["transition"].items():
         for group, entry in groups.items():
             for method in ("broken_power_law", "threshold"):
-                w_star = entry[method]["w_star"]
-                assert float(transitions[(family, group, method)]["w-star"]) == shown(w_star)
+                w_star, cells = entry[method]["w_star"], transitions[(family, group, method)]
+                if w_star is None:  # a break that failed its checks shows no number
+                    assert cells["w-star"] == "—" and cells["note"] == entry[method]["reason"]
+                else:
+                    assert float(cells["w-star"]) == shown(w_star)
     comparison = {(a["family"], a["quantity"]): c for a, c in html.tables["comparisons"]}
     for family, quantities in report.summary["exponent_comparison"].items():
         for quantity, entry in quantities.items():
             assert float(comparison[(family, quantity)]["diff"]) == shown(entry["diff"])
 
 
-def test_findings_state_the_planted_exponent_gap(report: ReportResult) -> None:
-    """Data and width exponents differ by plan (0.30 vs 0.20); the page must say so."""
+def test_verdict_table_comes_first_and_renders_every_summary_verdict(
+    report: ReportResult, html: TableReader
+) -> None:
+    """The page opens with the verdicts of summary.json; the planted exponent gap (0.30 vs
+    0.20, beyond the 0.05 margin) is a contradiction of 'similar exponents'."""
     page = report.paths[0].read_text(encoding="utf-8")
-    findings = page[page.index('id="findings"') : page.index('id="figures"')]
-    entry = report.summary["exponent_comparison"]["mlp/standard"]["test_loss"]
-    assert entry["excludes_zero"] and abs(entry["diff"] - 0.10) < 0.02
-    assert f"difference {entry['diff']:.4g}" in findings and "the exponents differ" in findings
-    w_star = report.summary["transition"]["mlp/standard"]["n_train=400"]["broken_power_law"]
-    assert f"w* = {w_star['w_star']:.4g}" in findings
+    assert page.index('id="verdicts"') < page.index('id="figure-index"') < page.index("<figure")
+    verdicts = report.summary["findings"]["verdicts"]
+    rows = {(a["claim"], a["family"]): cells for a, cells in html.tables["verdict-table"]}
+    assert len(rows) == len(verdicts)
+    for entry in verdicts:
+        cells = rows[(entry["claim"], entry["family"] or "—")]
+        assert cells["verdict"] == entry["verdict"] and cells["reason"] == entry["reason"]
+        assert cells["rule"] == entry["rule"] and cells["claim"] == entry["title"]
+    gap = rows[("similar_exponents", "mlp/standard")]
+    assert gap["verdict"] == "contradicted"
+    value = report.summary["exponent_comparison"]["mlp/standard"]["test_loss"]["diff"]
+    assert float(gap["value"]) == shown(value) and abs(value - 0.10) < 0.02
+    assert html.tables["verdict-parts"]
+    settings = page[page.index('id="verdicts"') : page.index('id="verdict-table"')]
+    assert "4096, 12288" in settings and "threshold fraction" in settings
 
 
 def test_json_format_writes_only_the_same_numbers(
@@ -342,18 +357,80 @@ def test_loss_figure_draws_seed_means_and_the_summary_fits(planted_data, report)
     assert fit["params"]["alpha"] == pytest.approx(PLANTED["standard"][0], abs=0.02)
 
 
-def test_kernel_change_figure_marks_the_summary_w_star(planted_data, report) -> None:
+def test_kernel_change_figure_overlays_families_and_marks_only_checked_w_star(
+    planted_data, report
+) -> None:
+    """One panel per n_train with every family's sweep; a w* line exactly where the summary
+    identified the break, none where it did not; the LLM widths marked."""
     (spec,) = [s for s in FIGURES if s.id == "fig-kernel-change"]
     figure = spec.draw(planted_data, report.summary)
-    for family, groups in report.summary["transition"].items():
-        ax = _panel(figure, family, "kernel change ‖Θ_T − Θ_0‖/‖Θ_0‖")
+    transition = report.summary["transition"]
+    for n_train in N_TRAINS:
+        (ax,) = [a for a in figure.axes if a.get_title() == f"n={n_train}"]
+        assert "Theta" in ax.get_ylabel()  # mathtext, not Unicode subscripts
+        assert {c.get_label() for c in ax.containers} == {f"mlp/{p}" for p in PLANTED}
         marks = {l.get_label().split(":")[0]: l.get_xdata()[0] for l in ax.get_lines()
-                 if "w*=" in l.get_label()}  # fmt: skip
+                 if "w^*" in l.get_label()}  # fmt: skip
         expected = {
-            f"n={group.removeprefix('n_train=')}": entry["broken_power_law"]["w_star"]
-            for group, entry in groups.items()
+            family: groups[f"n_train={n_train}"]["broken_power_law"]["w_star"]
+            for family, groups in transition.items()
+            if groups[f"n_train={n_train}"]["broken_power_law"]["identified"]
         }
         assert marks == pytest.approx(expected)
+        llm = sorted(l.get_xdata()[0] for l in ax.get_lines() if "LLM width" in l.get_label())
+        assert llm == [4096, 12288]
+    assert any(
+        not g["broken_power_law"]["identified"] for gs in transition.values() for g in gs.values()
+    )  # fmt: skip  (the planted store has a rejected break)
+
+
+def test_scaling_panels_show_one_sweep_and_only_fits_that_pass(
+    planted_store: ntklens.store.Store, tmp_path: Path
+) -> None:
+    """Width-sweep runs at other n must not leak into the data-scaling panel as single points,
+    and a fit below the R² threshold is not drawn."""
+    store = ntklens.store.open(tmp_path / "store", create=True)
+    for n_train, seed in itertools.product(N_TRAINS, SEEDS):  # a data sweep at w = 64
+        store.write(planted_result("standard", 64, n_train, seed))
+    for width, seed in itertools.product(WIDTHS, SEEDS):  # a width sweep at n = 200
+        store.write(planted_result("standard", width, 200, seed))
+    runs, records = store.runs(), store.records()
+    data = study_data(runs, records, store.spectra(), ("entropy",))
+    summary = build_report(store, tmp_path / "out", fmt="json", **REPORT_OPTIONS).summary
+    (spec,) = [s for s in FIGURES if s.id == "fig-loss-vs-data"]
+    ax = _panel(spec.draw(data, summary), "mlp/standard", "test loss")
+    assert [c.lines[0].get_color() for c in ax.containers] and len(ax.containers) == 1
+    x, _ = ax.containers[0].lines[0].get_data()
+    np.testing.assert_allclose(x, N_TRAINS)
+    assert any(l.get_label().startswith("w=64:") for l in ax.get_lines())
+    strict = {**summary, "settings": {**summary["settings"], "min_r2": 0.9999999}}
+    ax = _panel(spec.draw(data, strict), "mlp/standard", "test loss")
+    assert not any(":" in l.get_label() for l in ax.get_lines())
+
+
+def test_error_bars_are_bootstrap_intervals_of_the_seed_mean(planted_data, report) -> None:
+    """With two seeds a replicate is one of the two runs: the bar spans exactly their range."""
+    (spec,) = [s for s in FIGURES if s.id == "fig-loss-vs-width"]
+    ax = _panel(spec.draw(planted_data, report.summary), "mlp/ntk", "test loss")
+    runs = planted_data.runs
+    rows = runs[(runs["family"] == "mlp/ntk") & (runs["n_train"] == 400)]
+    low, high = rows.groupby("width")["test_loss"].min(), rows.groupby("width")["test_loss"].max()
+    largest_n = tuple(matplotlib.colormaps["viridis"](0.85))  # the last of the n colours
+    (container,) = [c for c in ax.containers if tuple(c.lines[0].get_color()) == largest_n]
+    segments = container.lines[2][0].get_segments()
+    np.testing.assert_allclose([seg[0][1] for seg in segments], low.to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose([seg[1][1] for seg in segments], high.to_numpy(), rtol=1e-12)
+
+
+def test_training_curves_draw_one_line_per_run(planted_data, report) -> None:
+    (spec,) = [s for s in FIGURES if s.id == "fig-training-curves"]
+    figure = spec.draw(planted_data, report.summary)
+    panels = [a for a in figure.axes if a.get_title() == "mlp/ntk, n=400"]
+    assert len(panels) == 4  # train loss, test loss, kernel change, χ_pos
+    runs_per_panel = len(WIDTHS) * len(SEEDS)
+    for ax in panels:
+        assert sum(len(l.get_xdata()) == len(STEPS) for l in ax.get_lines()) == runs_per_panel
+    assert any("chi_{pos}" in a.get_ylabel() for a in panels)
 
 
 def test_missing_or_empty_store_gives_one_line_errors(tmp_path: Path) -> None:
@@ -425,6 +502,9 @@ def test_report_opens_in_headless_chromium(report: ReportResult, tmp_path: Path)
     dom.feed(completed.stdout)
     assert set(dom.figures) == {spec.id for spec in FIGURES}
     assert all(src.startswith("data:image/png;base64,") for src in dom.figures.values())
+    verdicts = dom.tables["verdict-table"]
+    assert len(verdicts) == len(report.summary["findings"]["verdicts"])
+    assert {a["verdict"] for a, _ in verdicts} <= {"supported", "contradicted", "inconclusive"}
     # only plotted data has colormap colours (a broken image shows an icon and its alt text)
     rgb = np.rint(matplotlib.image.imread(shot)[..., :3] * 255).astype(np.int64)
     codes, counts = np.unique(
@@ -434,3 +514,32 @@ def test_report_opens_in_headless_chromium(report: ReportResult, tmp_path: Path)
     colormap = matplotlib.colormaps["viridis"](np.linspace(0.0, 1.0, 64))[:, :3]
     distance = np.linalg.norm(colours[:, None] - colormap[None], axis=-1).min(axis=1)
     assert counts[distance < 0.05].sum() > 2000
+
+
+def test_variant_table_renders_each_variant_column(report: ReportResult, tmp_path: Path) -> None:
+    """The claim × variant table of reproduce --variants: one column per variant that ran."""
+    from ntklens.report.html import render_html
+
+    table = {
+        "variants": [
+            {"name": "base", "axis": "—", "description": "as shipped", "status": "ran"},
+            {"name": "cnn", "axis": "architecture", "description": "CNN", "status": "ran"},
+            {"name": "centered", "axis": "centering", "description": "f − f₀",
+             "status": "skipped: needs RunSpec field(s) center_output"},
+        ],
+        "claims": {"similar_exponents": "Similar exponents"},
+        "rows": [{"claim": "similar_exponents", "scope": "ntk", "cells": {
+            "base": {"verdict": "supported", "value": 0.01, "ci": [-0.02, 0.03]},
+            "cnn": {"verdict": "contradicted", "value": 0.2, "ci": [0.15, 0.25]},
+        }}],
+    }  # fmt: skip
+    runs = pd.DataFrame({"status": ["ok"]})
+    page = render_html(store="s", runs=runs, figures=[], summary=report.summary, variants=table)
+    path = tmp_path / "page.html"
+    path.write_text(page, encoding="utf-8")
+    ((attributes, cells),) = read_html(path).tables["variant-table"]
+    assert attributes == {"claim": "similar_exponents", "family": "ntk"}
+    assert cells["v-base"] == "supported (0.01 [-0.02, 0.03])"
+    assert cells["v-cnn"] == "contradicted (0.2 [0.15, 0.25])"
+    assert "v-centered" not in cells and "skipped: needs RunSpec field(s) center_output" in page
+    assert page.index('id="verdicts"') < page.index('id="variants"')

@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 
+import ntklens.store
 from ntklens.errors import ConfigError
-from ntklens.reproduce import SCALES, protocol, protocol_names
+from ntklens.reproduce import (
+    SCALES,
+    VARIANT_AXES,
+    parse_variant,
+    protocol,
+    protocol_names,
+    protocol_raw,
+    variant_studies,
+    variant_table,
+    variants,
+)
+from ntklens.schema import RunSpec
 from ntklens.sweep.planning import plan
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -99,6 +111,16 @@ def test_quick_reproduction_end_to_end(tmp_path: Path) -> None:
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["families"] and (out / "report.html").is_file()
+    verdicts = summary["findings"]["verdicts"]
+    assert {v["claim"] for v in verdicts} == set(summary["findings"]["claims"])
+    for verdict in verdicts:
+        assert verdict["verdict"] in ("supported", "contradicted", "inconclusive")
+        assert verdict["rule"] and verdict["reason"]
+        if verdict["statistic"] is not None:
+            assert {"name", "value", "ci", "confidence"} <= set(verdict["statistic"])
+    assert headline["verdicts"] == [
+        {k: v[k] for k in ("claim", "family", "verdict", "reason", "statistic")} for v in verdicts
+    ]
 
 
 def _find_estimates(node: object):
@@ -108,3 +130,165 @@ def _find_estimates(node: object):
             yield node
         for value in node.values():
             yield from _find_estimates(value)
+
+
+# ---- robustness variants --------------------------------------------------------------
+
+
+def test_shipped_variants_parse_and_cover_the_protocol_alternatives() -> None:
+    shipped = variants("fashion-mnist", "quick")
+    assert [v.axis for v in shipped] == list(VARIANT_AXES)  # cheap first, architecture last
+    base = protocol_raw("fashion-mnist", "quick")
+    for variant in shipped:
+        studies = variant_studies(base, variant)
+        if isinstance(studies, str):  # skipped: the reason names what is missing
+            assert "\n" not in studies and studies
+            continue
+        assert [s.name for s in studies] == [f"{raw['name']}--{variant.name}" for _, raw in base]
+
+
+def test_variant_overrides_reach_every_run_and_only_the_matching_studies() -> None:
+    base = protocol_raw("fashion-mnist", "quick")
+    by_name = {v.name: v for v in variants("fashion-mnist", "quick")}
+    cross_entropy = variant_studies(base, by_name["cross-entropy"])
+    assert {spec.loss for study in cross_entropy for spec in plan(study)} == {"cross_entropy"}
+    cnn = {s.name: s for s in variant_studies(base, by_name["cnn"])}
+    assert {spec.model for s in cnn.values() for spec in plan(s)} == {"cnn"}
+    assert cnn["fmnist-quick-data--cnn"].sweep.widths == [8]
+    assert cnn["fmnist-quick-width-ntk--cnn"].sweep.widths == [2, 4, 8, 16, 32]
+    # the data sweep's width stays on the width sweeps' grid: one family, both axes
+    assert 8 in cnn["fmnist-quick-width-ntk--cnn"].sweep.widths
+    # the base configs are untouched by the overrides
+    assert protocol("fashion-mnist", "quick")[0].model.family == "mlp"
+
+
+def test_variants_needing_missing_options_are_skipped_with_the_reason() -> None:
+    base = protocol_raw("fashion-mnist", "quick")
+    by_name = {v.name: v for v in variants("fashion-mnist", "quick")}
+    uncentered = variant_studies(base, by_name["uncentered"])
+    if "center_output" in RunSpec.model_fields:
+        assert not isinstance(uncentered, str)
+        assert {spec.center_output for s in uncentered for spec in plan(s)} == {False}
+    else:
+        assert isinstance(uncentered, str) and "center_output" in uncentered
+    unknown = parse_variant(
+        {"name": "x", "axis": "dataset", "override": [{"set": {"data": {"dataset": "nope"}}}]}
+    )
+    reason = variant_studies(base, unknown)
+    assert isinstance(reason, str) and "data.dataset" in reason and "nope" in reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"name": "a", "axis": "colour", "override": [{"set": {}}]}, "axis must be one of"),
+        ({"name": "base", "axis": "loss", "override": [{"set": {}}]}, "other than 'base'"),
+        ({"name": "a", "axis": "loss"}, "at least one"),
+        ({"name": "a", "axis": "loss", "override": [{"sets": {}}]}, "needs a `set` table"),
+        ({"name": "a", "axis": "loss", "override": [{"set": {}}], "extra": 1}, "unknown keys"),
+    ],
+)
+def test_bad_variant_files_give_one_line_errors(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_variant(raw, "v.toml")
+    assert "\n" not in str(error.value)
+
+
+def _summary_with(verdicts: list[tuple[str, str | None, str, float | None]]) -> dict:
+    rows = [
+        {"claim": c, "family": f, "verdict": v, "reason": "r",
+         "statistic": {"name": "s", "value": x, "ci": [None, None]}}
+        for c, f, v, x in verdicts
+    ]  # fmt: skip
+    return {"findings": {"claims": {"similar_exponents": "Similar"}, "verdicts": rows}}
+
+
+def test_variant_table_lines_up_claims_by_parameterization_scope() -> None:
+    chosen = [parse_variant({"name": "cnn", "axis": "architecture",
+                             "override": [{"set": {"model": {"family": "cnn"}}}]}),
+              parse_variant({"name": "centered", "axis": "centering", "requires": ["nope"],
+                             "override": [{"set": {}}]})]  # fmt: skip
+    fades = ("feature_learning_fades", "mlp/ntk vs mlp/mup", "supported", -0.4)
+    summaries = {
+        "base": _summary_with([("similar_exponents", "mlp/ntk", "supported", 0.01), fades]),
+        "cnn": _summary_with([("similar_exponents", "cnn/ntk", "contradicted", 0.2)]),
+    }
+    table = variant_table(summaries, chosen, {"cnn": "ran", "centered": "skipped: needs nope"})
+    rows = {(r["claim"], r["scope"]): r["cells"] for r in table["rows"]}
+    assert rows[("similar_exponents", "ntk")]["base"]["verdict"] == "supported"
+    assert rows[("similar_exponents", "ntk")]["cnn"]["verdict"] == "contradicted"
+    assert rows[("similar_exponents", "ntk")]["cnn"]["value"] == 0.2
+    assert set(rows[("feature_learning_fades", "ntk vs mup")]) == {"base"}
+    status = {v["name"]: v["status"] for v in table["variants"]}
+    assert status == {"base": "ran", "cnn": "ran", "centered": "skipped: needs nope"}
+
+
+TINY_STUDY = {
+    "name": "tiny-width",
+    "data": {"dataset": "teacher", "n_test": 64, "teacher": {"input_dim": 8}},
+    "probe": {"n": 8, "points_per_decade": 1},
+    "model": {"family": "mlp", "depth": 1},
+    "train": {"lr": 0.5, "loss": "mse", "steps": 10, "batch_size": 32},
+    "sweep": {"widths": [8, 16, 32], "n_train": [64], "seeds": [0], "parameterizations": ["ntk"]},
+}
+
+
+@pytest.mark.slow
+def test_run_variants_end_to_end_on_a_tiny_teacher_sweep(tmp_path: Path) -> None:
+    """Base and one variant run, one variant is skipped; the table has both columns."""
+    from ntklens.report import build_report
+    from ntklens.reproduce import run_variants
+    from ntklens.sweep.config import validate_config
+    from ntklens.sweep.driver import run_sweep
+
+    base = [("tiny.toml", TINY_STUDY)]
+    run_sweep(validate_config(TINY_STUDY), tmp_path / "store", workers=1)
+    options = {"n_bootstrap": 50}
+    summary = build_report(tmp_path / "store", tmp_path, fmt="json", **options).summary
+    chosen = [
+        parse_variant({"name": "ce", "axis": "loss",
+                       "override": [{"set": {"train": {"loss": "cross_entropy"}}}]}),
+        parse_variant({"name": "centered", "axis": "centering", "requires": ["no_such_field"],
+                       "override": [{"set": {}}]}),
+    ]  # fmt: skip
+    table = run_variants(base, chosen, summary, tmp_path, workers=1, quiet=True,
+                         analysis_options=options)  # fmt: skip
+    status = {v["name"]: v["status"] for v in table["variants"]}
+    assert status["ce"] == "ran" and status["centered"].startswith("skipped: needs RunSpec")
+    assert (tmp_path / "variants" / "ce" / "summary.json").is_file()
+    for row in table["rows"]:
+        assert set(row["cells"]) == {"base", "ce"}
+        assert all(c["verdict"] in ("supported", "contradicted", "inconclusive")
+                   for c in row["cells"].values())  # fmt: skip
+    ce_store = ntklens.store.open(tmp_path / "variants" / "ce" / "store")
+    assert set(ce_store.runs()["loss"]) == {"cross_entropy"}
+
+
+@pytest.mark.slow
+def test_reproduce_with_variants_writes_the_table_and_shows_it_in_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reproduce(..., with_variants=True) on a tiny teacher protocol: variants.json, the
+    report's variant table and the verdicts of summary.json."""
+    import ntklens.reproduce as reproduction
+    from ntklens.sweep.config import validate_config
+
+    tiny = [("tiny.toml", TINY_STUDY)]
+    ce = parse_variant({"name": "ce", "axis": "loss",
+                        "override": [{"set": {"train": {"loss": "cross_entropy"}}}]})  # fmt: skip
+    monkeypatch.setattr(reproduction, "protocol_raw", lambda dataset, scale: tiny)
+    monkeypatch.setattr(reproduction, "protocol", lambda d, s: [validate_config(TINY_STUDY)])
+    monkeypatch.setattr(reproduction, "variants", lambda dataset, scale: [ce])
+    result = reproduction.reproduce(
+        "fashion-mnist", "quick", tmp_path, workers=1, quiet=True, with_variants=True,
+        n_bootstrap=50, llm_widths=(1024,),
+    )  # fmt: skip
+    table = json.loads(result.variants_json.read_text())
+    assert [v["name"] for v in table["variants"]] == ["base", "ce"]
+    page = result.report.read_text(encoding="utf-8")
+    assert 'id="variant-table"' in page and page.index('id="verdicts"') < page.index(
+        "variant-table"
+    )
+    summary = json.loads(result.summary_json.read_text())
+    assert summary["findings"]["settings"]["llm_widths"] == [1024]
+    assert result.headline["verdicts"]

@@ -71,6 +71,7 @@ def test_planned_spec_equals_the_hand_written_one(tmp_path: Path) -> None:
         lr=0.4 * 32 / 128,  # inverse_width from base_width 32
         steps=50,
         batch_size=25,
+        study="plan-test",  # recorded, but not part of the run id
     )
     planned = by_coordinates[("ntk", 128, 300, 1)]
     assert planned == expected
@@ -122,6 +123,7 @@ def test_mlp_forward_cost_matches_the_closed_form() -> None:
     d, width, k = 64, 48, 10  # digits: 8×8 inputs, 10 classes; depth 2
     cost = model_cost("mlp", width, 2, (1, 8, 8), k)
     assert cost.forward == 2 * (d * width + width * width + width * k)
+    assert cost.params == d * width + width + width * width + width + width * k + k
 
 
 def test_training_cost_is_linear_in_steps(tmp_path: Path) -> None:
@@ -137,12 +139,14 @@ def test_cost_grows_with_width_and_data(tmp_path: Path) -> None:
     table = plan_table(plan(load(tmp_path)))
     assert list(table.columns) == [
         "run_id",
+        "model",
         "parameterization",
         "width",
         "n_train",
         "lr",
         "seed",
         "steps",
+        "params",
         "gflop",
     ]
     gflop = table.set_index(["parameterization", "width", "n_train", "seed"])["gflop"]

@@ -53,6 +53,10 @@ def test_broken_power_law_without_a_break_lands_on_the_grid_edge() -> None:
     delta = widths**-0.5 * np.exp(0.05 * rng.standard_normal(widths.size))
     estimate = broken_power_law_transition(widths, delta, n_bootstrap=100)
     assert estimate.details["at_grid_edge"]
+    # a single power law fits as well: the break is rejected and no w* leaves the estimator
+    assert not estimate.identified and estimate.details["delta_bic"] < 10
+    assert estimate.to_dict()["w_star"] is None and estimate.to_dict()["ci"] == [None, None]
+    assert estimate.reason.startswith("not identified within [16, 4096]")
 
 
 def test_threshold_matches_closed_form_without_noise() -> None:

@@ -274,7 +274,36 @@ class ReportFormat(enum.StrEnum):
 
 class Scale(enum.StrEnum):
     quick = "quick"
+    paper = "paper"
     full = "full"
+
+
+LlmWidthsOption = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--llm-width",
+        min=1,
+        help="A typical LLM hidden size to compare w* with (repeatable; default 4096, 12288).",
+    ),
+]
+FractionOption = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="Threshold fraction of the descriptive w* estimators."),
+]
+MarginOption = Annotated[
+    float,
+    typer.Option(min=0.0, help="Equivalence margin of exponents in the verdicts (TOST)."),
+]
+
+
+def _analysis_options(
+    llm_widths: list[int] | None, fraction: float, margin: float
+) -> dict[str, Any]:
+    """The analysis options of report/reproduce (only those given, so defaults stay there)."""
+    options: dict[str, Any] = {"fraction": fraction, "margin": margin}
+    if llm_widths:
+        options["llm_widths"] = tuple(llm_widths)
+    return options
 
 
 @app.command()
@@ -287,16 +316,27 @@ def report(
         ReportFormat,
         typer.Option("--format", "-f", help="html: page + PNG/PDF figures; json: numbers only."),
     ] = ReportFormat.html,
+    llm_widths: LlmWidthsOption = None,
+    fraction: FractionOption = 0.5,
+    margin: MarginOption = 0.05,
 ) -> None:
     """Fit scaling laws and the transition width over a store, and write the report."""
     from ntklens.report import build_report
 
-    result = build_report(store, out or store / "report", fmt=output_format.value)
+    result = build_report(
+        store,
+        out or store / "report",
+        fmt=output_format.value,
+        **_analysis_options(llm_widths, fraction, margin),
+    )
     if output_format is ReportFormat.json:
         typer.echo(result.paths[0].read_text(encoding="utf-8"))
         return
     for path in result.paths:
         typer.echo(f"wrote {path}")
+    from ntklens.reproduce import verdict_lines
+
+    typer.echo("\n".join(verdict_lines(result.summary)))
     for figure, reason in result.skipped.items():
         typer.echo(f"figure {figure} not drawn: {reason}")
 
@@ -305,7 +345,10 @@ def report(
 def reproduce(
     dataset: Annotated[str, typer.Argument(help="Dataset with a protocol: fashion-mnist.")],
     scale: Annotated[
-        Scale, typer.Option(help="quick: ~15 min on 2 CPU cores; full: paper scale (GPU/Ray).")
+        Scale,
+        typer.Option(
+            help="quick: ~15 min on 2 CPU cores; paper: <= 2 h on 2 cores; full: GPU/Ray."
+        ),
     ] = Scale.quick,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default: results/<dataset>-<scale>).")
@@ -324,6 +367,13 @@ def reproduce(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Log lines instead of a live display.")
     ] = False,
+    with_variants: Annotated[
+        bool,
+        typer.Option("--variants", help="Also re-derive the verdicts under the protocol variants."),
+    ] = False,
+    llm_widths: LlmWidthsOption = None,
+    fraction: FractionOption = 0.5,
+    margin: MarginOption = 0.05,
 ) -> None:
     """Reproduce the paper's findings: data- and width-scaling sweeps, then the report."""
     import json
@@ -331,6 +381,10 @@ def reproduce(
     from ntklens.reproduce import protocol
 
     protocol(dataset, scale.value)  # validate before importing the heavy parts
+    if with_variants:
+        from ntklens.reproduce import variants
+
+        variants(dataset, scale.value)
     from ntklens.reproduce import reproduce as run_reproduction
 
     result = run_reproduction(
@@ -341,12 +395,19 @@ def reproduce(
         workers=workers,
         address=address,
         quiet=quiet,
+        with_variants=with_variants,
+        **_analysis_options(llm_widths, fraction, margin),
     )
     as_json = output_format is ReportFormat.json
     if as_json:
         typer.echo(json.dumps(result.headline, indent=2))
+    else:
+        from ntklens.reproduce import verdict_lines
+
+        typer.echo("\n".join(verdict_lines(json.loads(result.summary_json.read_text()))))
     typer.echo(
-        f"report: {result.report}\nsummary: {result.summary_json}\nstore: {result.store}",
+        f"report: {result.report}\nsummary: {result.summary_json}\nstore: {result.store}"
+        + (f"\nvariants: {result.variants_json}" if result.variants_json else ""),
         err=as_json,
     )
     if any(sweep.n_failed for sweep in result.sweeps.values()):
@@ -366,9 +427,9 @@ def _saved_model_kernel(
     """Load the model and the probe set, checking both, then the kernel and observables."""
     import torch
 
-    from ntklens import flatten
-    from ntklens import ntk as entk
     from ntklens.data import load_dataset, preprocess, probe_indices
+    from ntklens.kernel import flatten
+    from ntklens.kernel import ntk as entk
     from ntklens.observables import kernel_observables
     from ntklens.train.probes import kernel_targets
 

@@ -22,3 +22,9 @@ class DataError(NtkLensError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """A dataset whose files are not on disk; the message says where to get them."""
+
+
+def describe(error: BaseException) -> str:
+    """``"TypeName: first line of its message"``, to quote a foreign error in one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

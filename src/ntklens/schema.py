@@ -10,13 +10,23 @@ normalized spec, so a sweep can tell finished runs from new ones. :class:`RunRes
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ntklens.errors import ConfigError, describe
+
+VERSION = "0.1.0"  # of the package (pyproject.toml): ``ntklens.__version__``, stamped on runs
 
 Parameterization = Literal["standard", "ntk", "mup"]
 KernelOutput = Literal["full", "trace"]
@@ -33,8 +43,14 @@ KERNEL_METHODS: tuple[str, ...] = get_args(KernelMethod)
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 ACTIVATION_NAMES: tuple[str, ...] = get_args(ActivationName)
 
+MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
+
 RECORD_COLUMNS = ("step", "quantity", "value")
 
+#: "package.module:function" (importable) or "path/to/file.py:function"
+REFERENCE_PATTERN = re.compile(
+    r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+)
 #: RunSpec fields added after run ids were first stored: left out of the id at their default,
 #: so a run keeps the id it had in a store written before they existed.
 _ID_OMITTED_AT_DEFAULT = (
@@ -45,7 +61,84 @@ _ID_OMITTED_AT_DEFAULT = (
     "center_output",
     "kernel0_baseline",
     "infinite_baseline",
+    "model_options",
+    "data_options",
 )
+#: RunSpec fields that describe a run without deciding its numbers: never in the id
+_ID_EXCLUDED = frozenset({"study"})
+
+
+def is_reference(text: object) -> bool:
+    """Whether ``text`` names a callable: "package.module:function" or "file.py:function"."""
+    return isinstance(text, str) and REFERENCE_PATTERN.fullmatch(text) is not None
+
+
+def load_reference(reference: str, what: str) -> Callable[..., Any]:
+    """The callable that ``reference`` names, importing its module (a file path is loaded
+    from that file); one-line :class:`ConfigError` naming ``what`` if it cannot be."""
+    module_name, _, attribute = reference.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"{what} {reference!r}: no file {path}; check the path")
+            key = f"ntklens_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+            module = sys.modules.get(key)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(key, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[key] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[key]
+                    raise
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(
+            f"{what} {reference!r}: cannot import {module_name} ({describe(error)}); "
+            "put it on PYTHONPATH or give 'path/to/file.py:function'"
+        ) from error
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(
+                f"{what} {reference!r}: {module_name} has no attribute {attribute!r}; "
+                "check the name after the colon"
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{what} {reference!r} is a {type(target).__name__}, not a callable")
+    return target
+
+
+def reference_of(function: Callable[..., Any], what: str) -> str:
+    """The "module:qualname" reference of a module-level ``function``, checked to resolve
+    back to it (runs in other processes import it by that name)."""
+    module = getattr(function, "__module__", None)
+    qualname = getattr(function, "__qualname__", "")
+    reference = f"{module}:{qualname}"
+    if module is None or "<" in qualname or not is_reference(reference):
+        raise ConfigError(
+            f"{what} {function!r} is not importable by name; define it at module level "
+            "(not a lambda or a local function) or pass 'package.module:function'"
+        )
+    if module != "__main__" and load_reference(reference, what) is not function:
+        raise ConfigError(f"{what} {reference!r} does not import as the same object")
+    return reference
+
+
+def _canonical_options(value: Any) -> Any:
+    """Options as sorted-key JSON text (a dict is converted; text is normalized)."""
+    if isinstance(value, str):
+        value = json.loads(value) if value else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"options must be a table/dict, got {type(value).__name__}")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 class RunSpec(BaseModel):
@@ -53,9 +146,10 @@ class RunSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # data
+    # data: a built-in name, "npz" (the file is ``data_path``) or a factory reference
     dataset: str = "fashion-mnist"
     data_path: str | None = None
+    data_options: str = "{}"
     n_train: int = Field(gt=0)
     subset_seed: int = 0
     n_test: int | None = Field(default=2000, gt=0)
@@ -66,8 +160,9 @@ class RunSpec(BaseModel):
     teacher_difficulty: float = Field(default=1.0, gt=0)
     teacher_n_classes: int = Field(default=4, gt=1)
 
-    # model
-    model: ModelFamily = "mlp"
+    # model: a built-in family or a factory reference "package.module:function"
+    model: str = "mlp"
+    model_options: str = "{}"
     depth: int = Field(default=2, gt=0)
     width: int = Field(gt=0)
     activation: ActivationName = "relu"
@@ -104,6 +199,34 @@ class RunSpec(BaseModel):
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
 
+    # bookkeeping: the study that planned the run (not part of the run id)
+    study: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _family_or_factory(cls, value: str) -> str:
+        if value not in MODEL_FAMILIES and not is_reference(value):
+            raise ValueError(
+                f"model {value!r} is neither a family ({', '.join(MODEL_FAMILIES)}) nor a "
+                "factory reference 'package.module:function'"
+            )
+        return value
+
+    @field_validator("model_options", "data_options", mode="before")
+    @classmethod
+    def _options_as_json(cls, value: Any) -> Any:
+        return _canonical_options(value)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """``model_options`` as a dict: the family's options or the factory's ``**options``."""
+        return json.loads(self.model_options)
+
+    @property
+    def data_kwargs(self) -> dict[str, Any]:
+        """``data_options`` as a dict: the options of a data factory."""
+        return json.loads(self.data_options)
+
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> RunSpec:
         if (self.steps is None) == (self.epochs is None):
@@ -113,10 +236,10 @@ class RunSpec(BaseModel):
     def canonical_json(self) -> str:
         """The spec as sorted-key JSON, the input of :attr:`run_id`.
 
-        Fields added later are left out while at their default, so a run keeps the id it had
-        in a store written before they existed.
+        ``study`` is left out, and so are fields added later while at their default, so a
+        run keeps the id it had in a store written before they existed.
         """
-        fields = self.model_dump(mode="json")
+        fields = self.model_dump(mode="json", exclude=set(_ID_EXCLUDED))
         for name in _ID_OMITTED_AT_DEFAULT:
             if fields[name] == type(self).model_fields[name].default:
                 del fields[name]

@@ -38,6 +38,12 @@ import numpy as np
 import pandas as pd
 
 from ntklens.analysis.bootstrap import check_bootstrap_args, finite_or_none
+from ntklens.analysis.findings import (
+    DEFAULT_MARGIN,
+    DEFAULT_MIN_R2,
+    check_finding_args,
+    derive_findings,
+)
 from ntklens.analysis.fits import PowerLawFit, compare_exponents, fit_power_law, fit_trend
 from ntklens.analysis.transition import (
     DEFAULT_LLM_WIDTHS,
@@ -57,6 +63,7 @@ AXES = {"data": ("n_train", "width"), "width": ("width", "n_train")}  # (varied,
 REPLICATE_COLUMNS = ("seed", "subset_seed", "probe_seed")
 NON_SPEC_COLUMNS = (  # bookkeeping and where a run ran: never split a family
     "run_id",
+    "n_params",
     "status",
     "error",
     "failed_step",
@@ -79,6 +86,8 @@ def summarize(
     observables: tuple[str, ...] = DEFAULT_OBSERVABLES,
     offset: bool = False,
     transition: bool | None = None,
+    margin: float = DEFAULT_MARGIN,
+    min_r2: float = DEFAULT_MIN_R2,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -90,12 +99,16 @@ def summarize(
     ``fraction`` is the threshold of the threshold and advantage transition estimators.
     ``transition=None`` estimates w* wherever a family has ≥ 3 widths at one ``n_train``;
     ``True`` demands it (one-line error when the runs have no width axis); ``False`` skips.
+    ``margin`` (equivalence margin of exponents) and ``min_r2`` (the R² a fit needs before
+    its exponent is compared) feed the verdicts of :mod:`ntklens.analysis.findings`.
     Returns a JSON-able dict with keys ``data_scaling``, ``width_scaling``,
     ``exponent_comparison``, ``kernel_directions``, ``transition`` and
     ``kernel_vs_network_data_exponent``, each keyed by family and then by group
-    (``"width=256"``, ``"n_train=1000"``).
+    (``"width=256"``, ``"n_train=1000"``), and ``findings``: every claim's verdict rows
+    (see :func:`~ntklens.analysis.findings.derive_findings`).
     """
     check_bootstrap_args(n_bootstrap, confidence)
+    check_finding_args(margin, min_r2)
     if not 0.0 < fraction < 1.0:
         raise NtkLensError(f"fraction must lie in (0, 1), got {fraction!r}; e.g. 0.5")
     llm_ratio(1.0, llm_widths)
@@ -116,6 +129,8 @@ def summarize(
             "llm_widths": [int(w) for w in llm_widths],
             "observables": list(observables),
             "offset": offset,
+            "margin": margin,
+            "min_r2": min_r2,
             "n_bootstrap": n_bootstrap,
             "confidence": confidence,
             "seed": seed,
@@ -156,6 +171,16 @@ def summarize(
             name: _transition_section(sub, fraction, llm_widths, options)
             for name, sub in families.items()
         }
+    summary["findings"] = derive_findings(
+        families,
+        fits,
+        directions,
+        summary["transition"],
+        margin=margin,
+        min_r2=min_r2,
+        llm_widths=llm_widths,
+        **options,
+    )
     return summary
 
 
@@ -183,6 +208,8 @@ def run_table(
     values["kernel0_test_loss"] = column(end, "kernel0_test_loss")
     values["kernel0_test_error"] = 1.0 - column(end, "kernel0_test_acc")
     values["kernel_change"] = column(end, "ntk_change")
+    if "n_params" not in ok:
+        values["n_params"] = column(end, "n_params")
     for key in {*observables, "entropy", "trace"}:
         start, last = column(init, f"ntk_{key}").reindex(end.index), column(end, f"ntk_{key}")
         values[f"{key}/init"], values[f"{key}/end"] = start, last
@@ -400,10 +427,11 @@ def _transition_section(
             fraction=fraction,
             **options,
         )
+        # only a checked break is a transition width; the crossings are descriptive
         entry["llm_ratio"] = {
             method: llm_ratio(entry[method]["w_star"], llm_widths)
-            for method in ("broken_power_law", "threshold", "advantage")
-            if entry[method].get("w_star") is not None
+            for method in ("broken_power_law",)
+            if entry[method].get("identified") and entry[method].get("w_star") is not None
         }
         section[key] = entry
     return section

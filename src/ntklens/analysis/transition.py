@@ -14,6 +14,15 @@ the runs (seeds) of every width like the scaling-law fits
 
 A ``w_star`` of ``inf`` means the curve never fell below the threshold within the widths
 (w* lies beyond the sweep); ``nan`` means it is not identified (e.g. no advantage anywhere).
+
+The broken power law is a model of a *transition*, so its break is reported only where the
+data prefer it (:data:`BREAK_CHECKS`): the break beats a single power law by
+ΔBIC ≥ :data:`MIN_DELTA_BIC`, the lazy-side slope is negative and steeper than the
+feature-side one, at least two widths lie on each side of w*, and w* with its whole
+interval lies strictly inside the swept widths. Otherwise ``identified`` is false, the
+estimate's ``to_dict`` carries no w* and ``reason`` says which check failed. The threshold
+and advantage crossings are descriptive (a width where a curve falls to a fraction of its
+peak), not tests of a transition; ``analysis.findings`` decides what counts as w*.
 """
 
 from __future__ import annotations
@@ -36,6 +45,15 @@ from ntklens.errors import NtkLensError
 DEFAULT_LLM_WIDTHS = (4096, 12288)
 MIN_WIDTHS = 3
 MIN_WIDTHS_BROKEN = 5  # four parameters (amplitude, two slopes, break) need a spare width
+MIN_DELTA_BIC = 10.0  # "very strong" evidence for the break on Kass & Raftery's (1995) scale
+MIN_WIDTHS_PER_SIDE = 2  # each slope of the broken power law rests on ≥ 2 widths
+BREAK_CHECKS = (
+    "break preferred over a single power law (ΔBIC ≥ 10)",
+    "lazy-side slope negative (β_lazy > 0)",
+    "curve steepens past the break (β_lazy > β_feature)",
+    "≥ 2 widths on each side of w*",
+    "w* and its CI strictly inside the swept widths",
+)
 SMOOTHNESS_GRID = np.geomspace(0.05, 1.0, 10)  # bend widths s, natural-log units of width
 
 
@@ -44,7 +62,9 @@ class TransitionEstimate:
     """An estimate of the transition width w* with its percentile interval ``ci``.
 
     ``details`` holds the method's own numbers (slopes, threshold, the seed-mean curve,
-    the share of bootstrap replicates whose w* lies beyond the sweep).
+    the share of bootstrap replicates whose w* lies beyond the sweep). ``identified`` is
+    false when the method's own validity checks fail (``reason`` says which); such an
+    estimate's :meth:`to_dict` holds no w* and no interval.
     """
 
     method: str
@@ -53,13 +73,23 @@ class TransitionEstimate:
     confidence: float
     n_bootstrap: int
     details: dict[str, Any]
+    identified: bool = True
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able summary; non-finite numbers become ``None`` (see ``details``)."""
+        """A JSON-able summary; non-finite numbers become ``None`` (see ``details``).
+
+        An estimate that failed its checks gives ``w_star`` and ``ci`` as ``None`` with
+        ``identified: false`` and the ``reason``; its fitted numbers stay only in
+        ``details`` (slopes, ΔBIC), never as a w*.
+        """
+        shown = self.identified
         return {
             "method": self.method,
-            "w_star": finite_or_none(self.w_star),
-            "ci": [finite_or_none(self.ci[0]), finite_or_none(self.ci[1])],
+            "identified": self.identified,
+            "reason": self.reason,
+            "w_star": finite_or_none(self.w_star) if shown else None,
+            "ci": [finite_or_none(b) if shown else None for b in self.ci],
             "confidence": self.confidence,
             "n_bootstrap": self.n_bootstrap,
             "details": self.details,
@@ -88,6 +118,11 @@ def broken_power_law_transition(
     the fit profiles those out on ``n_grid`` log-spaced w* spanning the measured widths
     (times the s grid) and refines the best w* by a parabola; all bootstrap replicates are
     solved at once the same way.
+
+    The estimate is ``identified`` only if it passes every check of :data:`BREAK_CHECKS`;
+    ``details["checks"]`` lists each with its outcome and ``details["delta_bic"]`` is
+    BIC(single power law) − BIC(broken), both from the Gaussian log-likelihood of the
+    log residuals of all runs (k = 2 against 4, or 5 with a fitted bend).
     """
     check_bootstrap_args(n_bootstrap, confidence)
     if smoothness is not None and not smoothness > 0:
@@ -121,6 +156,33 @@ def broken_power_law_transition(
     draws = np.exp(_profile_break(features, grid, index, values, weights)[0])
     step = grid[1] - grid[0]
     ss_tot = float(np.sum(v**2))
+    w_star = float(np.exp(log_break))
+    ci = percentile_interval(draws, confidence, estimate=w_star)
+    n_params = 4 if smoothness is not None else 5
+    delta_bic = _bic(v - _line_fit(log_w, v), 2) - _bic(v - fitted, n_params)
+    distinct_widths = np.unique(widths)
+    checks = dict(
+        zip(
+            BREAK_CHECKS,
+            [
+                bool(delta_bic >= MIN_DELTA_BIC),
+                bool(coef[2] > 0),
+                bool(coef[2] > coef[1]),
+                bool(
+                    min(np.sum(distinct_widths < w_star), np.sum(distinct_widths > w_star))
+                    >= MIN_WIDTHS_PER_SIDE
+                ),
+                bool(
+                    np.isfinite(ci[0])
+                    and np.isfinite(ci[1])
+                    and ci[0] > distinct_widths[0] * (1 + 1e-9)
+                    and ci[1] < distinct_widths[-1] * (1 - 1e-9)
+                ),
+            ],
+            strict=True,
+        )
+    )
+    failed = [name for name, passed in checks.items() if not passed]
     details = {
         "beta_feature": float(coef[1]),
         "beta_lazy": float(coef[2]),
@@ -129,16 +191,25 @@ def broken_power_law_transition(
         "smoothness_fitted": smoothness is None,
         "r2": 1.0 - float(np.sum((v - fitted) ** 2)) / ss_tot if ss_tot > 0 else None,
         "at_grid_edge": bool(min(log_break - grid[0], grid[-1] - log_break) < step),
+        "delta_bic": float(delta_bic),
+        "checks": checks,
         "resampling": resampling_name(counts, groups),
         **_curve_details(widths, delta),
     }
+    reason = None
+    if failed:
+        low, high = distinct_widths[0], distinct_widths[-1]
+        reason = f"not identified within [{low:g}, {high:g}]: fails {'; '.join(failed)}"
+        details["rejected"] = {"w_star": w_star, "ci": [finite_or_none(b) for b in ci]}
     return TransitionEstimate(
         method="broken_power_law",
-        w_star=float(np.exp(log_break)),
-        ci=percentile_interval(draws, confidence, estimate=float(np.exp(log_break))),
+        w_star=w_star,
+        ci=ci,
         confidence=confidence,
         n_bootstrap=n_bootstrap,
         details=details,
+        identified=not failed,
+        reason=reason,
     )
 
 
@@ -234,6 +305,19 @@ def _validate(
             "sweep over more widths"
         )
     return widths, arrays, groups
+
+
+def _line_fit(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Fitted values of the least-squares line of ``v`` on ``u`` (a single power law in logs)."""
+    slope, intercept = np.polyfit(u, v, 1)
+    return intercept + slope * u
+
+
+def _bic(residuals: np.ndarray, n_params: int) -> float:
+    """Gaussian BIC ``n·log(SSE/n) + k·log n`` (SSE floored so exact fits stay finite)."""
+    n = len(residuals)
+    sse = max(float(np.sum(residuals**2)), 1e-300 * n)
+    return n * np.log(sse / n) + n_params * np.log(n)
 
 
 def _broken_design(u: np.ndarray, smoothness: np.ndarray | float) -> np.ndarray:
@@ -347,6 +431,8 @@ def _crossing_estimate(
         confidence=confidence,
         n_bootstrap=n_bootstrap,
         details=details,
+        identified=bool(np.isfinite(log_w_star)),
+        reason=details.get("reason"),
     )
 
 

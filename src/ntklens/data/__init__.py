@@ -5,8 +5,14 @@
 probe set of a run as index arrays into it.
 """
 
-from ntklens.data.dataset import Dataset, preprocess
-from ntklens.data.registry import DATASET_NAMES, SOURCES, download_dataset, load_dataset
+from ntklens.data.dataset import Dataset, dataset_from_arrays, preprocess
+from ntklens.data.registry import (
+    DATASET_NAMES,
+    SOURCES,
+    dataset_from_factory,
+    download_dataset,
+    load_dataset,
+)
 from ntklens.data.subsets import (
     evaluation_subset_indices,
     nested_subset_indices,
@@ -19,6 +25,8 @@ __all__ = [
     "DATASET_NAMES",
     "SOURCES",
     "Dataset",
+    "dataset_from_arrays",
+    "dataset_from_factory",
     "download_dataset",
     "evaluation_subset_indices",
     "load_dataset",

@@ -139,3 +139,42 @@ def read_cifar_label_names(path: str | Path) -> tuple[str, ...]:
     if not isinstance(names, list):
         raise DataError(f"{path}: CIFAR meta lacks b'label_names'; file is corrupt")
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+NPZ_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays ``x``, ``y`` and, if present, ``x_test``, ``y_test`` of a ``.npz`` file.
+
+    Other keys are refused (a typo would otherwise drop the test split silently); pickled
+    object arrays are never loaded.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such .npz file; check [data] path")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: holds one array, not an .npz archive; save it with np.savez")
+        with archive:
+            keys = set(archive.files)
+            missing = [key for key in ("x", "y") if key not in keys]
+            unknown = sorted(keys - set(NPZ_KEYS))
+            if missing or unknown:
+                problem = f"lacks {', '.join(missing)}" if missing else f"has keys {unknown}"
+                raise DataError(
+                    f"{path}: the archive {problem}; save it with np.savez(path, x=..., y=..., "
+                    "x_test=..., y_test=...) (the test pair is optional)"
+                )
+            return {key: archive[key] for key in NPZ_KEYS if key in keys}
+    except DataError:
+        raise
+    except ValueError as error:  # object arrays (allow_pickle=False) or a bad member
+        raise DataError(
+            f"{path}: cannot read an array ({error}); save plain numeric arrays"
+        ) from None
+    except (OSError, EOFError, zlib.error, KeyError) as error:
+        raise DataError(
+            f"{path}: not a readable .npz archive ({error}); save it with np.savez"
+        ) from None

@@ -13,7 +13,7 @@ loads the same dataset for many runs; each call still returns fresh tensors.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,24 +21,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ntklens.data.dataset import Dataset
+from ntklens.data.dataset import Dataset, dataset_from_arrays
 from ntklens.data.download import (
     MIRROR_ENV,
     extract_members,
     fetch_verified,
     user_cache_dir,
 )
-from ntklens.data.formats import read_cifar_batch, read_cifar_label_names, read_idx
+from ntklens.data.formats import read_cifar_batch, read_cifar_label_names, read_idx, read_npz
 from ntklens.data.subsets import stratified_permutation
 from ntklens.data.synthetic import teacher_task
-from ntklens.errors import DataError, DataNotFoundError
+from ntklens.errors import ConfigError, DataError, DataNotFoundError, describe
+from ntklens.schema import is_reference, load_reference
 
 DATA_ENV = "NTKLENS_DATA"
 SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 DIGITS_TEST_SIZE = 300
 DIGITS_SPLIT_SEED = 0
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "digits", "teacher")
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "digits", "teacher", "npz")
 
 
 @dataclass(frozen=True)
@@ -330,8 +331,13 @@ def load_dataset(
     ``path`` and ``download`` apply to the on-disk datasets (fashion-mnist, mnist,
     cifar10); ``options`` only to ``teacher`` (see :func:`~ntklens.data.synthetic.
     teacher_task`). Raises :class:`DataNotFoundError` when the files are nowhere and
-    ``download`` is false.
+    ``download`` is false. ``name="npz"`` reads your arrays from the ``.npz`` file
+    ``path`` (see :func:`~ntklens.data.formats.read_npz`); a ``name`` "package.module:function"
+    (or "file.py:function") is a data factory, called as ``function(**options)``, see
+    :func:`dataset_from_factory`.
     """
+    if is_reference(name):
+        return dataset_from_factory(str(name), **options)
     key = str(name).lower()
     if key not in DATASET_NAMES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
@@ -350,6 +356,15 @@ def load_dataset(
         )
     if key == "digits":
         return _digits()
+    if key == "npz":
+        if path is None:
+            raise DataError("dataset 'npz' needs the file: give path='data.npz'")
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise DataError(f"{file}: no such .npz file; check the data path")
+        cached = _npz(*_stamp([file]))
+        splits = ("x_train", "y_train", "x_test", "y_test")
+        return replace(cached, **{split: getattr(cached, split).clone() for split in splits})
     source = SOURCES[key]
     files = locate(source, path)
     if files is None:
@@ -357,3 +372,36 @@ def load_dataset(
             raise _not_found(source, path)
         files = download_dataset(source.name)
     return _load_files(source, files)
+
+
+@lru_cache(maxsize=4)
+def _npz(stamp: tuple[str, int, int]) -> Dataset:
+    arrays = read_npz(stamp[0])
+    return dataset_from_arrays(Path(stamp[0]).name, **arrays, source=stamp[0])
+
+
+def dataset_from_factory(reference: str, **options: Any) -> Dataset:
+    """The dataset of the data factory ``reference``, called as ``function(**options)``.
+
+    It returns a :class:`Dataset`, a dict with ``x``, ``y`` (and optionally ``x_test``,
+    ``y_test``), or a tuple ``(x, y)`` or ``(x, y, x_test, y_test)`` of numpy arrays or
+    tensors, checked as :func:`~ntklens.data.dataset.dataset_from_arrays` checks them.
+    """
+    what = "data factory"
+    factory = load_reference(reference, what)
+    try:
+        made = factory(**options)
+    except Exception as error:
+        raise ConfigError(
+            f"{what} {reference!r} raised {describe(error)}; fix the factory"
+        ) from error
+    if isinstance(made, Dataset):
+        return made
+    if isinstance(made, dict) and {"x", "y"} <= set(made) <= {"x", "y", "x_test", "y_test"}:
+        return dataset_from_arrays(reference, **made, source=f"{what} {reference!r}")
+    if isinstance(made, tuple | list) and len(made) in (2, 4):
+        return dataset_from_arrays(reference, *made, source=f"{what} {reference!r}")
+    raise DataError(
+        f"{what} {reference!r} returned a {type(made).__name__}; return a Dataset, a dict "
+        "with x, y (x_test, y_test) or a tuple (x, y) / (x, y, x_test, y_test)"
+    )

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
+from typing import Unpack
 
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
 from ntklens.errors import NtkLensError
-from ntklens.models.width_model import WidthModel, positive_int
+from ntklens.models.width_model import FamilyArguments, WidthModel, positive_int
 
 POOLINGS = {"none": None, "avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
@@ -31,31 +31,16 @@ class ConvNet(WidthModel):
     def __init__(
         self,
         *,
-        width: int,
-        depth: int,
-        in_shape: Sequence[int],
-        n_outputs: int,
-        parameterization: str = "standard",
-        activation: str = "relu",
-        weight_std: float | None = None,
-        bias_std: float | None = None,
-        seed: int = 0,
         kernel_size: int = 3,
         padding: int = 1,
         pooling: str = "none",
+        **arguments: Unpack[FamilyArguments],
     ) -> None:
-        super().__init__(
-            width=width,
-            depth=depth,
-            parameterization=parameterization,
-            activation=activation,
-            weight_std=weight_std,
-            bias_std=bias_std,
-        )
+        super().__init__(**arguments)
+        in_shape, n_outputs = self.in_shape, self.n_outputs
         if len(in_shape) != 3:
             raise NtkLensError(f"in_shape must be (C, H, W) for a cnn, got {tuple(in_shape)}")
         channels, height, breadth = (positive_int("in_shape entry", s) for s in in_shape)
-        n_outputs = positive_int("n_outputs", n_outputs)
         kernel_size = positive_int("kernel_size", kernel_size)
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise NtkLensError(f"padding must be an integer >= 0, got {padding!r}")
@@ -63,7 +48,7 @@ class ConvNet(WidthModel):
             raise NtkLensError(f"unknown pooling {pooling!r}; choose one of none, avg, max")
         self.kernel_size, self.padding, self.pooling = kernel_size, padding, pooling
         pool = POOLINGS[pooling]
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(self.seed)
         for index in range(self.depth):
             c_in = channels if index == 0 else self.width
             height, breadth = (s + 2 * padding - kernel_size + 1 for s in (height, breadth))

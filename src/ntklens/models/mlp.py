@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import partial
+from typing import Unpack
 
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from ntklens.models.width_model import WidthModel, positive_int
+from ntklens.models.width_model import FamilyArguments, WidthModel, positive_int
 
 
 class MLP(WidthModel):
@@ -28,30 +28,11 @@ class MLP(WidthModel):
 
     family = "mlp"
 
-    def __init__(
-        self,
-        *,
-        width: int,
-        depth: int,
-        in_shape: Sequence[int],
-        n_outputs: int,
-        parameterization: str = "standard",
-        activation: str = "relu",
-        weight_std: float | None = None,
-        bias_std: float | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            width=width,
-            depth=depth,
-            parameterization=parameterization,
-            activation=activation,
-            weight_std=weight_std,
-            bias_std=bias_std,
-        )
-        n_inputs = math.prod(positive_int("in_shape entry", s) for s in in_shape)
-        n_outputs = positive_int("n_outputs", n_outputs)
-        generator = torch.Generator().manual_seed(seed)
+    def __init__(self, **arguments: Unpack[FamilyArguments]) -> None:
+        super().__init__(**arguments)
+        n_inputs = math.prod(positive_int("in_shape entry", s) for s in self.in_shape)
+        n_outputs = self.n_outputs
+        generator = torch.Generator().manual_seed(self.seed)
         self.net.append(nn.Flatten())
         sizes = [n_inputs] + [self.width] * self.depth + [n_outputs]
         kinds = ["input"] + ["hidden"] * (self.depth - 1) + ["output"]

@@ -118,3 +118,18 @@ class Multiply(nn.Module):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor:.6g}"
+
+
+def vector_lr_scale(parameterization: str, *, width: int) -> dict[str, float]:
+    """Per-optimizer lr scales of a vector-like parameter kept at multiplier 1 and O(1) init
+    (a normalization gain or shift), e.g. ``{"sgd": n, "adam": 1}`` under ``mup``.
+
+    It is the "bias" row of :data:`ABC_TABLE` moved along the abc symmetry to ``a = 0``:
+    ``θ = -a`` gives ``c_sgd - 2θ`` and ``c_adam - θ`` (the update ``ΔW`` of SGD scales with
+    ``n^-(2a + c)``, that of Adam with ``n^-(a + c)``).
+    """
+    rule = ABC_TABLE[parameterization]["bias"]
+    return {
+        "sgd": width ** (-(rule.c_sgd + 2 * rule.a)),
+        "adam": width ** (-(rule.c_adam + rule.a)),
+    }

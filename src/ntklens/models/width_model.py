@@ -5,21 +5,15 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ntklens.errors import NtkLensError
-from ntklens.models.parameterization import (
-    DEFAULT_BIAS_STD,
-    OPTIMIZERS,
-    Multiply,
-    ParameterScales,
-    default_weight_std,
-    parameter_scales,
-)
+from ntklens.models.layers import param_groups, scaled_parts
+from ntklens.models.parameterization import DEFAULT_BIAS_STD, default_weight_std
 from ntklens.schema import PARAMETERIZATIONS
 
 
@@ -51,6 +45,20 @@ def _choice(name: str, value: object, allowed: Sequence[str]) -> str:
     return str(value)
 
 
+class FamilyArguments(TypedDict, total=False):
+    """What every width family takes; see :func:`ntklens.models.build_model`."""
+
+    width: Required[int]
+    depth: Required[int]
+    in_shape: Required[Sequence[int]]
+    n_outputs: Required[int]
+    parameterization: str
+    activation: str
+    weight_std: float | None
+    bias_std: float | None
+    seed: int
+
+
 class WidthModel(nn.Module):
     """A network whose width ``n`` scales under an explicit abc-parameterization.
 
@@ -69,12 +77,18 @@ class WidthModel(nn.Module):
         *,
         width: int,
         depth: int,
-        parameterization: str,
-        activation: str,
-        weight_std: float | None,
-        bias_std: float | None,
+        in_shape: Sequence[int],
+        n_outputs: int,
+        parameterization: str = "standard",
+        activation: str = "relu",
+        weight_std: float | None = None,
+        bias_std: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.n_outputs = positive_int("n_outputs", n_outputs)
+        self.seed = seed
         self.width = positive_int("width", width)
         self.depth = positive_int("depth", depth)
         self.parameterization = _choice("parameterization", parameterization, PARAMETERIZATIONS)
@@ -90,7 +104,7 @@ class WidthModel(nn.Module):
         self.weight_std = float(weight_std)
         self.bias_std = float(bias_std)
         self.net = nn.Sequential()
-        self._scales: dict[str, ParameterScales] = {}
+        self.lr_scales: dict[str, dict[str, float]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -112,34 +126,22 @@ class WidthModel(nn.Module):
         ``make_layer(bias=...)`` builds the module without initializing it; ``width_in`` is
         the part of ``fan_in`` that grows with the width (1 for the input layer).
         """
-        weight = parameter_scales(
-            self.parameterization,
-            kind,
+        parts, index, scales = scaled_parts(
+            make_layer,
+            parameterization=self.parameterization,
+            kind=kind,
             width=self.width,
-            constant=self.weight_std * math.sqrt(width_in / fan_in),
+            fan_in=fan_in,
+            width_in=width_in,
+            weight_std=self.weight_std,
+            bias_std=self.bias_std,
+            generator=generator,
         )
-        bias = parameter_scales(
-            self.parameterization,
-            "output_bias" if kind == "output" else "bias",
-            width=self.width,
-            constant=self.bias_std,
-        )
-        has_bias = bias.multiplier != 0.0
-        layer = make_layer(bias=has_bias)
-        nn.init.normal_(layer.weight, 0.0, weight.init_std, generator=generator)
-        in_factor, out_factor = weight.multiplier, 1.0
-        if has_bias:
-            nn.init.normal_(layer.bias, 0.0, bias.init_std, generator=generator)
-            in_factor, out_factor = weight.multiplier / bias.multiplier, bias.multiplier
-        if in_factor != 1.0:
-            self.net.append(Multiply(in_factor))
-        name = f"net.{len(self.net)}"
-        self.net.append(layer)
-        if out_factor != 1.0:
-            self.net.append(Multiply(out_factor))
-        self._scales[f"{name}.weight"] = weight
-        if has_bias:
-            self._scales[f"{name}.bias"] = bias
+        name = f"net.{len(self.net) + index}"
+        for part in parts:
+            self.net.append(part)
+        for parameter, scale in scales.items():
+            self.lr_scales[f"{name}.{parameter}"] = scale.lr_scale
 
     def param_groups(self, base_lr: float, optimizer: str = "sgd") -> list[dict[str, Any]]:
         """One ``torch.optim`` group per parameter: ``{"params", "lr", "name"}``.
@@ -147,17 +149,7 @@ class WidthModel(nn.Module):
         ``lr`` is ``base_lr`` times the parameterization's per-layer scale for
         ``optimizer`` ("sgd" or "adam"; they differ only under ``mup``).
         """
-        if not (isinstance(base_lr, int | float) and math.isfinite(base_lr) and base_lr > 0):
-            raise NtkLensError(f"base_lr must be a positive number, got {base_lr!r}")
-        optimizer = _choice("optimizer", optimizer, OPTIMIZERS)
-        return [
-            {
-                "params": [parameter],
-                "lr": base_lr * self._scales[name].lr_scale[optimizer],
-                "name": name,
-            }
-            for name, parameter in self.named_parameters()
-        ]
+        return param_groups(self, base_lr, optimizer)
 
     def extra_repr(self) -> str:
         return (

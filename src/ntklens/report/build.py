@@ -69,12 +69,18 @@ def build_report(
     *,
     fmt: str = "html",
     summary: dict[str, Any] | None = None,
+    fit_bounded: bool = False,
+    variants: dict[str, Any] | None = None,
     **analysis_options: Any,
 ) -> ReportResult:
     """Write the report of ``store`` into ``out_dir``; ``fmt="json"`` writes only the summary.
 
     ``analysis_options`` go to :func:`ntklens.analysis.summarize` (e.g. ``n_bootstrap``,
-    ``observables``); pass a ready ``summary`` instead to skip the analysis.
+    ``observables``, ``llm_widths``, ``fraction``, ``margin``); pass a ready ``summary``
+    instead to skip the analysis. The verdicts come from the summary's ``findings``; the
+    report only renders them. ``fit_bounded`` also draws power laws of bounded quantities
+    (alignment), which are not drawn by default. ``variants`` (the claim × variant table of
+    :func:`ntklens.reproduce.run_variants`) adds the robustness table to the page.
     """
     if fmt not in FORMATS:
         raise NtkLensError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -97,7 +103,7 @@ def build_report(
     if fmt == "json":
         return ReportResult(paths=[json_path], summary=summary)
     observables = tuple(summary.get("settings", {}).get("observables", ()))
-    data = study_data(runs, records, store.spectra(), observables)
+    data = study_data(runs, records, store.spectra(), observables, fit_bounded=fit_bounded)
     figures_dir = out / "figures"
     figures_dir.mkdir(exist_ok=True)
     rendered = [_render(spec, data, summary, figures_dir) for spec in FIGURES]
@@ -106,6 +112,7 @@ def build_report(
         runs=runs,
         figures=rendered,
         summary=summary,
+        variants=variants,
     )
     html_path = _write_text(out / "report.html", page)
     written = [p for figure in rendered for p in figure.files]
@@ -128,6 +135,8 @@ def study_data(
     records: pd.DataFrame,
     spectra: pd.DataFrame,
     observables: tuple[str, ...],
+    *,
+    fit_bounded: bool = False,
 ) -> StudyData:
     """Per-run quantities (as summarized), probe histories and spectra of the ok runs of the
     store's ``runs()``, ``records()`` and ``spectra()`` tables."""
@@ -153,6 +162,7 @@ def study_data(
         history=history,
         spectra=spectra.merge(keys, on="run_id"),
         observables=observables,
+        fit_bounded=fit_bounded,
     )
 
 

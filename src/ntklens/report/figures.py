@@ -3,9 +3,13 @@
 Each figure function takes a :class:`StudyData` and the summary dict of
 :func:`ntklens.analysis.summarize` and returns a :class:`matplotlib.figure.Figure` (the
 object API, so no pyplot state is touched), or raises :class:`FigureUnavailable` saying what
-the study lacks. Scaling plots are log-log: points are the mean ± std over seeds, lines are
-the summary's power-law fits, and legends give the exponent α (of ``y = a·x^(−α)``) with its
-confidence interval and the R² of the fit. Each figure has one column of panels per family.
+the study lacks. One story per figure, and a panel shows one sweep: a scaling panel draws
+only the groups the summary fitted as a sweep (≥ 3 values of its axis), never the single
+points other sweeps leave on that axis. Scaling plots are log-log; points are the seed
+means with bootstrap confidence intervals (runs resampled as in the fits), lines the
+summary's power-law fits, drawn only where the fit passes its check (R² ≥ the summary's
+``min_r2``) and never for bounded quantities (alignment) unless ``StudyData.fit_bounded``.
+Legends sit inside the axes or below them; symbols are rendered as mathtext.
 """
 
 from __future__ import annotations
@@ -22,23 +26,35 @@ from matplotlib import ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ntklens.analysis.bootstrap import case_counts, percentile_interval
+from ntklens.analysis.findings import DEFAULT_MIN_R2
 from ntklens.analysis.summary import AXES
 
-PANEL_SIZE = (4.2, 3.1)  # inches per panel
-LEGEND_WIDTH = 2.5  # inches right of a panel for a legend of fit labels
+PANEL_SIZE = (4.6, 3.3)  # inches per panel
+LEGEND_HEIGHT = 0.24  # inches per legend entry below a panel
+CI_BOOTSTRAP = 400  # replicates of each plotted mean's interval
+BOUNDED = ("alignment",)  # quantities in [0, 1]: no power law unless asked
 SYMBOLS = {"width": "w", "n_train": "n"}
 AXIS_LABELS = {"width": "width w", "n_train": "training set size n", "step": "training step"}
 STAGE_LABELS = {"init": "at init", "end": "at end", "change": "change"}
 QUANTITY_LABELS = {
     "test_loss": "test loss",
+    "train_loss": "train loss",
     "test_error": "test error",
-    "kernel_change": "kernel change ‖Θ_T − Θ_0‖/‖Θ_0‖",
-    "chi_pos": "spectral position χ_pos",
-    "trace": "eNTK trace",
+    "kernel_change": r"kernel change $\|\Theta_T - \Theta_0\| / \|\Theta_0\|$",
+    "chi_pos": r"spectral position $\chi_{pos}$",
+    "trace": r"eNTK trace $\mathrm{Tr}\,\Theta$",
+    "entropy": "spectral entropy $S$",
     "effective_rank": "effective rank",
+    "alignment": "kernel–target alignment",
 }
-METHOD_LABELS = {"broken_power_law": "broken power law", "threshold": "threshold"}
-HISTORY_QUANTITIES = ("chi_pos",)
+HISTORY_QUANTITIES = ("train_loss", "test_loss", "ntk_change", "chi_pos")
+CURVE_ROWS = {  # training-curve figure: recorded quantity -> label key
+    "train_loss": "train_loss",
+    "test_loss": "test_loss",
+    "ntk_change": "kernel_change",
+    "chi_pos": "chi_pos",
+}
 
 
 class FigureUnavailable(Exception):
@@ -55,13 +71,14 @@ class StudyData:
     ``infinite_ntk_<observable>`` where the model has an infinite-width limit.
     ``history``: records (``run_id, step, quantity, value``) of :data:`HISTORY_QUANTITIES`
     joined with ``family, width, n_train``. ``spectra``: ``run_id, step, kind, values``
-    joined the same way.
+    joined the same way. ``fit_bounded`` draws power laws of bounded quantities too.
     """
 
     runs: pd.DataFrame
     history: pd.DataFrame
     spectra: pd.DataFrame
     observables: tuple[str, ...]
+    fit_bounded: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,8 @@ def kernel_vs_width(data: StudyData, summary: dict[str, Any]) -> Figure:
 
 
 def kernel_change_vs_width(data: StudyData, summary: dict[str, Any]) -> Figure:
-    """The kernel change against width per n_train, with w* and its CI marked."""
+    """The kernel change against width with every family (NTK, μP, …) overlaid, one panel per
+    n_train; w* and its CI where the checked break is identified, and the LLM widths."""
     families = [
         f
         for f in _scaling_families(summary, "width")
@@ -110,16 +128,67 @@ def kernel_change_vs_width(data: StudyData, summary: dict[str, Any]) -> Figure:
         raise FigureUnavailable(
             "no family has a width sweep (≥ 3 widths at one n_train) with a recorded kernel change"
         )
+    sweeps = {
+        f: _sweep_groups(summary, "width", f) & set(_family_runs(data, f)["n_train"].astype(int))
+        for f in families
+    }
+    n_trains = sorted({n for groups in sweeps.values() for n in groups})
     transition = summary.get("transition", {})
-    figure, axes = _panels(1, len(families), legend_outside=True)
-    for ax, family in zip(axes[0], families, strict=True):
-        colors = _plot_scaling(ax, _family_runs(data, family), "width", "n_train", "kernel_change")
-        for n_train, color in colors.items():
+    llm_widths = summary.get("settings", {}).get("llm_widths", [])
+    figure, axes = _panels(1, len(n_trains), legend_rows=2 * len(families) + len(llm_widths))
+    confidence = _confidence(summary)
+    for ax, n_train in zip(axes[0], n_trains, strict=True):
+        for index, family in enumerate(f for f in families if n_train in sweeps[f]):
+            color = f"C{index}"
+            runs = _family_runs(data, family)
+            rows = runs[(runs["n_train"] == n_train) & runs["kernel_change"].notna()]
+            x, mean, low, high = _mean_ci(rows, "width", "kernel_change", confidence)
+            ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o-", ms=3.5, capsize=2,
+                        color=color, lw=1.0, label=family)  # fmt: skip
             entry = transition.get(family, {}).get(f"n_train={n_train}")
-            _mark_transition(ax, entry, color, f"n={n_train}")
-        ax.set_title(family)
+            _mark_transition(ax, entry, color, family)
+        for width in llm_widths:
+            ax.axvline(width, color="0.45", ls=":", lw=1.0, label=f"LLM width {width}")
+        ax.set(xscale="log", yscale="log", xlabel=AXIS_LABELS["width"])
+        ax.set(ylabel=QUANTITY_LABELS["kernel_change"], title=f"n={n_train}")
         _plain_ticks(ax)
-        _legend(ax, outside=True)
+        _legend(ax, below=True)
+    return figure
+
+
+def training_curves(data: StudyData, summary: dict[str, Any]) -> Figure:
+    """Per-run training curves (losses, kernel change, χ_pos against step), one colour per
+    width, one column per family; each column shows one sweep (the width sweep at its
+    largest n_train, else the data sweep at its largest width)."""
+    history = data.history[data.history["quantity"].isin(CURVE_ROWS)]
+    rows = [q for q in CURVE_ROWS if (history["quantity"] == q).any()]
+    families = sorted(f for f, h in history.groupby("family") if h["step"].nunique() > 1)
+    if not rows or not families:
+        raise FigureUnavailable("no run recorded its losses, kernel change or χ_pos at ≥ 2 steps")
+    figure, axes = _panels(len(rows), len(families), legend_rows=3)
+    for column, family in enumerate(families):
+        runs = history[history["family"] == family]
+        by, held, value = _one_sweep(runs)
+        runs = runs[runs[held] == value]
+        levels = sorted(runs[by].unique())
+        colors = dict(zip(levels, _colors(len(levels)), strict=True))
+        for row, quantity in enumerate(rows):
+            ax = axes[row, column]
+            curves = runs[runs["quantity"] == quantity]
+            for (level, _run), curve in curves.groupby([by, "run_id"], sort=True):
+                ax.plot(curve["step"], curve["value"], "-", lw=0.9, color=colors[level],
+                        alpha=0.85)  # fmt: skip
+            for level, color in colors.items():
+                ax.plot([], [], "-", color=color, label=f"{SYMBOLS[by]}={level}")
+            if curves.empty:
+                _note(ax, f"no {quantity} recorded")
+                continue
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_yscale("log" if (curves["value"] > 0).all() else "linear")
+            ax.set(xlabel=AXIS_LABELS["step"], ylabel=_label(CURVE_ROWS[quantity]))
+            ax.set_title(f"{family}, {SYMBOLS[held]}={value}")
+            _plain_ticks(ax)
+        _legend(axes[-1, column], below=True, columns=4)
     return figure
 
 
@@ -149,7 +218,8 @@ def spectra_per_width(data: StudyData, summary: dict[str, Any]) -> Figure:
                 rank = np.arange(1, len(spectrum) + 1)
                 ax.plot(rank, spectrum, "k--", lw=1.3, label="infinite width")
             ax.set(xscale="log", yscale="log", xlabel="eigenvalue rank k")
-            ax.set(ylabel=f"λ_k / Σλ {STAGE_LABELS[stage]}", title=f"{family}, n={n_train}")
+            ylabel = rf"$\lambda_k / \sum_j \lambda_j$ {STAGE_LABELS[stage]}"
+            ax.set(ylabel=ylabel, title=f"{family}, n={n_train}")
             _plain_ticks(ax)
             _legend(ax)
     return figure
@@ -165,18 +235,20 @@ def spectral_position_over_training(data: StudyData, summary: dict[str, Any]) ->
     for ax, family in zip(axes[0], families, strict=True):
         rows = history[history["family"] == family]
         n_train = rows["n_train"].max()
-        stats = _seed_stats(rows[rows["n_train"] == n_train], "width", "step", "value")
-        widths = stats.index.get_level_values(0).unique()
+        rows = rows[rows["n_train"] == n_train]
+        widths = sorted(rows["width"].unique())
         for width, color in zip(widths, _colors(len(widths)), strict=True):
-            steps, mean, std = _columns(stats.loc[width])
+            steps, mean, low, high = _mean_ci(
+                rows[rows["width"] == width], "step", "value", _confidence(summary)
+            )
             ax.plot(steps, mean, "o-", ms=3, color=color, label=f"w={width}")
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            ax.fill_between(steps, low, high, color=color, alpha=0.15, lw=0)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_yscale("log" if (rows["value"] > 0).all() else "linear")
         ax.set(xlabel=AXIS_LABELS["step"], ylabel=QUANTITY_LABELS["chi_pos"])
         ax.set_title(f"{family}, n={n_train}")
         _plain_ticks(ax)
-        _legend(ax)
+        _legend(ax, below=True, columns=4)
     return figure
 
 
@@ -190,11 +262,12 @@ def infinite_width_reference(data: StudyData, summary: dict[str, Any]) -> Figure
             "no model has a closed-form infinite-width NTK (needs an ntk-parameterized MLP "
             "with relu or erf)"
         )
-    figure, axes = _panels(2, len(families), legend_outside=True)
+    figure, axes = _panels(2, len(families), legend_rows=3)
+    confidence = _confidence(summary)
     for column, family in enumerate(families):
         runs = _family_runs(data, family)
-        _plot_baselines(axes[0, column], runs)
-        _plot_infinite_gap(axes[1, column], runs, data.observables)
+        _plot_baselines(axes[0, column], runs, confidence)
+        _plot_infinite_gap(axes[1, column], runs, data.observables, confidence)
         axes[0, column].set_title(family)
     return figure
 
@@ -204,21 +277,24 @@ FIGURES: tuple[FigureSpec, ...] = (
         "fig-loss-vs-data",
         "Test loss vs dataset size, per width",
         "End-of-training test loss and error against the training set size n; one colour per "
-        "width, points are the mean ± std over seeds, lines the fitted power laws.",
+        "width that was swept over n; points are seed means with bootstrap CIs, lines the "
+        "fitted power laws (drawn only where R² passes the summary's threshold).",
         loss_vs_data,
     ),
     FigureSpec(
         "fig-loss-vs-width",
         "Test loss vs width, per dataset size",
         "End-of-training test loss and error against the width w; one colour per training "
-        "set size, with the fitted power laws.",
+        "set size that was swept over width; seed means with bootstrap CIs and the fitted "
+        "power laws that pass their check.",
         loss_vs_width,
     ),
     FigureSpec(
         "fig-kernel-vs-data",
         "Kernel observables vs dataset size, at init and at the end",
         "eNTK observables on the probe set against n: hollow markers and dashed fits at step "
-        "0, filled markers and solid fits at the last step; one colour per width.",
+        "0, filled markers and solid fits at the last step; one colour per width; no power "
+        "law for bounded quantities (alignment).",
         kernel_vs_data,
     ),
     FigureSpec(
@@ -230,11 +306,20 @@ FIGURES: tuple[FigureSpec, ...] = (
     ),
     FigureSpec(
         "fig-kernel-change",
-        "Kernel change vs width, with the transition width w*",
-        "Relative Frobenius change of the eNTK over training against width; dashed lines mark "
-        "w* (broken power law, else threshold) with its CI shaded; dotted curves are the "
-        "fitted broken power laws.",
+        "Kernel change vs width: NTK and μP overlaid, with w* and the LLM widths",
+        "Relative Frobenius change of the eNTK over training against width, every "
+        "parameterization's width sweep in one panel (seed means, bootstrap CIs). A dashed "
+        "line and shaded band mark w* and its CI only where the broken power law passes its "
+        "checks (the fitted curve dotted); dotted grey lines mark the LLM widths.",
         kernel_change_vs_width,
+    ),
+    FigureSpec(
+        "fig-training-curves",
+        "Training curves of every run",
+        "Train and test loss, kernel change and spectral position against the training step, "
+        "one line per run, one colour per width (or per n for a data sweep); each column is "
+        "one sweep of one family.",
+        training_curves,
     ),
     FigureSpec(
         "fig-spectra",
@@ -247,7 +332,8 @@ FIGURES: tuple[FigureSpec, ...] = (
         "fig-spectral-position",
         "Spectral position over training",
         "χ_pos = gᵀΘg / (‖g‖² Tr Θ) against the training step at the largest n; lower values "
-        "mean learning is driven by the kernel's small-eigenvalue modes; band: ± std over seeds.",
+        "mean learning is driven by the kernel's small-eigenvalue modes; band: bootstrap CI "
+        "of the seed mean.",
         spectral_position_over_training,
     ),
     FigureSpec(
@@ -282,19 +368,28 @@ def _scaling_figure(
         )
     if not quantity_rows:
         raise FigureUnavailable("the runs recorded none of the summarized kernel observables")
-    figure, axes = _panels(len(quantity_rows), len(families), legend_outside=True)
+    n_groups = max(len(_sweep_groups(summary, axis, f)) for f in families)
+    figure, axes = _panels(
+        len(quantity_rows), len(families), legend_rows=n_groups * max(map(len, quantity_rows))
+    )
+    settings = {
+        "confidence": _confidence(summary),
+        "min_r2": summary.get("settings", {}).get("min_r2", DEFAULT_MIN_R2),
+        "fit_bounded": data.fit_bounded,
+    }
     for row, quantities in enumerate(quantity_rows):
         for column, family in enumerate(families):
             ax = axes[row, column]
             runs = _family_runs(data, family)
+            runs = runs[runs[held].astype(int).isin(_sweep_groups(summary, axis, family))]
             for quantity in quantities:
                 stage = quantity.partition("/")[2] if len(quantities) > 1 else ""
                 fits = summary[f"{axis}_scaling"][family]
-                _plot_scaling(ax, runs, varied, held, quantity, fits, stage=stage)
+                _plot_scaling(ax, runs, varied, held, quantity, fits, stage=stage, **settings)
             if len(quantities) > 1:
                 ax.set_ylabel(_label(quantities[0].partition("/")[0]))
             ax.set_title(family)
-            _legend(ax, outside=True)
+            _legend(ax, below=True)
     return figure
 
 
@@ -307,9 +402,13 @@ def _plot_scaling(
     fits: dict[str, Any] | None = None,
     *,
     stage: str = "",
+    confidence: float = 0.95,
+    min_r2: float = DEFAULT_MIN_R2,
+    fit_bounded: bool = False,
 ) -> dict[int, Any]:
-    """Seed mean ± std of ``quantity`` against ``varied``, a colour per ``held`` value, and the
-    fitted power law of each group from ``fits`` (the summary's groups of one family).
+    """Seed means with bootstrap CIs of ``quantity`` against ``varied``, a colour per ``held``
+    value, and the fitted power law of each group from ``fits`` (the summary's groups of one
+    family) where it has R² ≥ ``min_r2`` (and, for bounded quantities, ``fit_bounded``).
 
     A quantity that is negative in every run is drawn as −y; one that changes sign on a
     linear y axis without fits. ``stage="init"`` draws hollow markers and dashed lines, and
@@ -322,20 +421,20 @@ def _plot_scaling(
     sign = -1.0 if (rows[quantity] < 0).all() else 1.0
     rows = rows.assign(y=sign * rows[quantity])
     log_y = bool((rows["y"] > 0).all())
-    stats = _seed_stats(rows, held, varied, "y")
-    held_values = [int(v) for v in stats.index.get_level_values(0).unique()]
+    held_values = sorted(int(v) for v in rows[held].unique())
     colors = dict(zip(held_values, _colors(len(held_values)), strict=True))
     hollow = stage == "init"
     tag = f" {'−' if sign < 0 and stage else ''}{stage}" if stage else ""
+    bounded = quantity.partition("/")[0] in BOUNDED and not fit_bounded
     for value, color in colors.items():
-        x, mean, std = _columns(stats.loc[value])
+        x, mean, low, high = _mean_ci(rows[rows[held] == value], varied, "y", confidence)
         name = f"{SYMBOLS[held]}={value}{tag}"
         fit = (fits or {}).get(f"{held}={value}", {}).get(quantity, {})
-        has_fit = log_y and _is_fit(fit)
+        has_fit = log_y and not bounded and _is_fit(fit) and (fit.get("r2") or 0.0) >= min_r2
         ax.errorbar(
             x,
             mean,
-            yerr=std,
+            yerr=[mean - low, high - mean],
             fmt="o",
             ms=3.5,
             capsize=2,
@@ -356,24 +455,20 @@ def _plot_scaling(
 
 
 def _mark_transition(ax: Axes, entry: dict[str, Any] | None, color: Any, group: str) -> None:
-    """A dashed line at w* with its CI shaded, and the broken power law if that was fitted;
-    ``group`` (e.g. ``n=800``) names the curve in the legend."""
+    """A dashed line at w* with its CI shaded and the fitted broken power law dotted, only for
+    a break that passed its checks; ``group`` names the curve in the legend."""
     if not entry or "skipped" in entry:
         return
-    method = next((m for m in METHOD_LABELS if entry.get(m, {}).get("w_star") is not None), None)
-    if method is None:
+    estimate = entry.get("broken_power_law", {})
+    if not estimate.get("identified") or estimate.get("w_star") is None:
         return
-    estimate = entry[method]
     w_star, (low, high) = estimate["w_star"], estimate["ci"]
-    interval = f" [{_g(low)}, {_g(high)}]" if low is not None and high is not None else ""
-    label = f"{group}: w*={_g(w_star)}{interval} ({METHOD_LABELS[method]})"
+    label = f"{group}: $w^*$={_g(w_star)} [{_g(low)}, {_g(high)}]"
     ax.axvline(w_star, color=color, ls="--", lw=1.1, label=label)
-    if interval:
-        ax.axvspan(low, high, color=color, alpha=0.12, lw=0)
+    ax.axvspan(low, high, color=color, alpha=0.12, lw=0)
     details = estimate["details"]
-    if method == "broken_power_law":
-        widths = np.geomspace(min(details["widths"]), max(details["widths"]), 128)
-        ax.plot(widths, _broken_power_law(widths, w_star, details), ":", color=color, lw=1.2)
+    widths = np.geomspace(min(details["widths"]), max(details["widths"]), 128)
+    ax.plot(widths, _broken_power_law(widths, w_star, details), ":", color=color, lw=1.2)
 
 
 def _broken_power_law(widths: np.ndarray, w_star: float, details: dict[str, Any]) -> np.ndarray:
@@ -387,7 +482,7 @@ def _broken_power_law(widths: np.ndarray, w_star: float, details: dict[str, Any]
     )
 
 
-def _plot_baselines(ax: Axes, runs: pd.DataFrame) -> None:
+def _plot_baselines(ax: Axes, runs: pd.DataFrame, confidence: float) -> None:
     """Test error against n of the widest network, its step-0 kernel and the infinite NTK."""
     widest = runs[runs["width"] == runs["width"].max()]
     width = int(widest["width"].iloc[0])
@@ -400,10 +495,9 @@ def _plot_baselines(ax: Axes, runs: pd.DataFrame) -> None:
     for (quantity, label), color in zip(curves.items(), ("C0", "C1", "k"), strict=True):
         if quantity not in widest or widest[quantity].isna().all():
             continue
-        x, mean, std = _columns(
-            _seed_stats(widest.assign(group=0), "group", "n_train", quantity).loc[0]
-        )
-        ax.errorbar(x, mean, yerr=std, fmt="o-",
+        x, mean, low, high = _mean_ci(widest.dropna(subset=[quantity]), "n_train", quantity,
+                                      confidence)  # fmt: skip
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o-",
                     ms=3.5, capsize=2, color=color, label=label)  # fmt: skip
         drawn = True
     if not drawn:
@@ -411,10 +505,12 @@ def _plot_baselines(ax: Axes, runs: pd.DataFrame) -> None:
         return
     ax.set(xscale="log", xlabel=AXIS_LABELS["n_train"], ylabel=QUANTITY_LABELS["test_error"])
     _plain_ticks(ax)
-    _legend(ax, outside=True)
+    _legend(ax, below=True)
 
 
-def _plot_infinite_gap(ax: Axes, runs: pd.DataFrame, observables: Sequence[str]) -> None:
+def _plot_infinite_gap(
+    ax: Axes, runs: pd.DataFrame, observables: Sequence[str], confidence: float
+) -> None:
     """|observable at init − its infinite-width value| / |infinite value| against width."""
     present = [
         k
@@ -427,15 +523,14 @@ def _plot_infinite_gap(ax: Axes, runs: pd.DataFrame, observables: Sequence[str])
     for index, key in enumerate(present):
         reference = runs[f"infinite_ntk_{key}"]
         gap = ((runs[f"{key}/init"] - reference) / reference).abs()
-        x, mean, std = _columns(
-            _seed_stats(runs.assign(group=0, gap=gap), "group", "width", "gap").loc[0]
-        )
-        ax.errorbar(x, mean, yerr=std, fmt="o-",
+        x, mean, low, high = _mean_ci(runs.assign(gap=gap).dropna(subset=["gap"]), "width",
+                                      "gap", confidence)  # fmt: skip
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o-",
                     ms=3.5, capsize=2, color=f"C{index}", label=_label(key))  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel=AXIS_LABELS["width"])
-    ax.set_ylabel("|eNTK₀ − NTK∞| / |NTK∞|")
+    ax.set_ylabel(r"$|\Theta_0 - \Theta_\infty| \,/\, |\Theta_\infty|$")
     _plain_ticks(ax)
-    _legend(ax, outside=True)
+    _legend(ax, below=True)
 
 
 def _observable_rows(data: StudyData) -> list[tuple[str, str]]:
@@ -457,18 +552,51 @@ def _family_runs(data: StudyData, family: str) -> pd.DataFrame:
     return data.runs[data.runs["family"] == family]
 
 
-def _seed_stats(frame: pd.DataFrame, group: str, x: str, y: str) -> pd.DataFrame:
-    """Mean and std (over the replicate rows) of ``y`` per (``group``, ``x``)."""
-    return frame.groupby([group, x])[y].agg(["mean", "std"])
+def _mean_ci(
+    frame: pd.DataFrame, x: str, y: str, confidence: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct ``x``: the mean of ``y`` over the rows (seeds) and its bootstrap CI.
+
+    Rows are resampled within each ``x`` as the fits resample them (m − 1 of m); a point
+    with a single run gets no interval (low = high = mean).
+    """
+    frame = frame.sort_values(x, kind="stable")
+    xs = frame[x].to_numpy(np.float64)
+    ys = frame[y].to_numpy(np.float64)
+    grid, index = np.unique(xs, return_inverse=True)
+    one_hot = np.eye(len(grid))[index]
+    sizes = one_hot.sum(axis=0)
+    mean = (ys @ one_hot) / sizes
+    low, high = mean.copy(), mean.copy()
+    counts = case_counts(xs, CI_BOOTSTRAP, np.random.default_rng(seed), hold_singletons=True)
+    if counts is not None:
+        curves = ((counts * ys) @ one_hot) / (counts @ one_hot)
+        for j in np.flatnonzero(sizes >= 2):
+            low[j], high[j] = percentile_interval(curves[:, j], confidence)
+    return grid, mean, low, high
 
 
-def _columns(stats: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (the index), mean and std (0 where a point has one run) of one group's stats."""
-    return (
-        stats.index.to_numpy(dtype=np.float64),
-        stats["mean"].to_numpy(dtype=np.float64),
-        stats["std"].fillna(0.0).to_numpy(dtype=np.float64),
-    )
+def _confidence(summary: dict[str, Any]) -> float:
+    return float(summary.get("settings", {}).get("confidence", 0.95))
+
+
+def _sweep_groups(summary: dict[str, Any], axis: str, family: str) -> set[int]:
+    """The held values (widths for data scaling, n_train for width scaling) that the summary
+    fitted as a sweep of ``family`` along ``axis``."""
+    groups = summary.get(f"{axis}_scaling", {}).get(family, {})
+    return {int(k.split("=")[1]) for k, g in groups.items() if isinstance(g, dict) and "x" in g}
+
+
+def _one_sweep(history: pd.DataFrame) -> tuple[str, str, int]:
+    """``(varied, held, value)`` of the sweep a training-curve column shows: the width sweep
+    at the n_train with most widths (ties: the largest), else the data sweep at the width
+    with most n_train."""
+    runs = history.drop_duplicates("run_id")
+    widths = runs.groupby("n_train")["width"].nunique()
+    if widths.max() >= 2:
+        return "width", "n_train", int(widths[widths == widths.max()].index.max())
+    sizes = runs.groupby("width")["n_train"].nunique()
+    return "n_train", "width", int(sizes[sizes == sizes.max()].index.max())
 
 
 def _mean_spectrum(values: pd.Series) -> np.ndarray:
@@ -499,21 +627,21 @@ def _colors(n: int) -> list[Any]:
     return list(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, n)))
 
 
-def _panels(
-    n_rows: int, n_columns: int, *, legend_outside: bool = False
-) -> tuple[Figure, np.ndarray]:
-    """A grid of panels; ``legend_outside`` leaves room right of each panel for its legend."""
-    width = PANEL_SIZE[0] + (LEGEND_WIDTH if legend_outside else 0.0)
-    figure = Figure(figsize=(width * n_columns, PANEL_SIZE[1] * n_rows), layout="constrained")
+def _panels(n_rows: int, n_columns: int, *, legend_rows: int = 0) -> tuple[Figure, np.ndarray]:
+    """A grid of panels; ``legend_rows`` leaves room below each panel for that many legend
+    entries (legends go inside the axes or below them, never beside)."""
+    height = PANEL_SIZE[1] + LEGEND_HEIGHT * legend_rows
+    figure = Figure(figsize=(PANEL_SIZE[0] * n_columns, height * n_rows), layout="constrained")
     return figure, figure.subplots(n_rows, n_columns, squeeze=False)
 
 
-def _legend(ax: Axes, *, outside: bool = False) -> None:
-    """The panel's legend, inside or to the right of it (where long fit labels go)."""
+def _legend(ax: Axes, *, below: bool = False, columns: int = 1) -> None:
+    """The panel's legend, inside it or centred below it (where long fit labels go)."""
     if not ax.get_legend_handles_labels()[0]:
         return
-    if outside:
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if below:
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  frameon=False, ncols=columns)  # fmt: skip
     else:
         ax.legend(fontsize="x-small", framealpha=0.85)
 

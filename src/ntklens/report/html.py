@@ -1,6 +1,8 @@
-"""The self-contained HTML report: embedded figures, what the numbers support, every fit.
+"""The self-contained HTML report: the verdict table first, embedded figures, every fit.
 
-Plain HTML and CSS with no scripts and no external resources: figures are PNG data URIs, so
+The verdicts are decided in :mod:`ntklens.analysis.findings` and read from the summary's
+``findings`` section; this module only renders them. Plain HTML and CSS with no scripts and
+no external resources: figures are PNG data URIs, so
 the single file can be mailed or archived. All text from the store or the summary passes
 through :func:`html.escape`. Tables carry ``data-*`` attributes on each row and a class per
 cell, so scripts (and tests) can read them back.
@@ -28,7 +30,14 @@ table { border-collapse: collapse; font-size: 0.8em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; text-align: center; }
 td.family, td.group, td.quantity, td.axis, td.model, td.signal, td.method, td.note,
-td.direction, td.scaling { text-align: left; }
+td.direction, td.scaling, td.claim, td.statistic, td.rule, td.reason, td.part, td.status,
+td.value, td.ci { text-align: left; }
+td.verdict { text-align: center; }
+#verdict-table { font-size: 0.85em; } #verdict-table td.rule { color: #555; max-width: 28em; }
+#verdict-table td.reason { max-width: 30em; }
+tr[data-verdict="supported"] td.verdict { background: #e3f2e1; font-weight: bold; }
+tr[data-verdict="contradicted"] td.verdict { background: #f8dcdc; font-weight: bold; }
+tr[data-verdict="inconclusive"] td.verdict { background: #f3f0e0; }
 code { background: #f3f3f3; padding: 0 0.2em; }
 """
 
@@ -58,9 +67,18 @@ _KERNEL_COLUMNS = {
     "alpha-network": "α network", "alpha-kernel": "α step-0 kernel", "diff": "difference",
     "diff-ci": "difference CI", "scaling": "scaling",
 }  # fmt: skip
+_VERDICT_COLUMNS = {
+    "claim": "claim", "family": "family", "statistic": "statistic", "value": "value",
+    "ci": "CI", "rule": "rule", "verdict": "verdict", "reason": "reason",
+}  # fmt: skip
+_PART_COLUMNS = {
+    "claim": "claim", "family": "family", "part": "part", "statistic": "statistic",
+    "status": "status", "reason": "reason",
+}  # fmt: skip
 _TRANSITION_COLUMNS = {
     "family": "family", "group": "held fixed", "signal": "signal", "method": "method",
-    "w-star": "w*", "w-star-ci": "w* CI", "llm-ratio": "w* / LLM width", "note": "note",
+    "w-star": "w* (checked break) or crossing width", "w-star-ci": "CI",
+    "llm-ratio": "w* / LLM width", "note": "note",
 }  # fmt: skip
 
 Row = tuple[dict[str, str], dict[str, str]]  # (data-* attributes, cell text by column)
@@ -85,12 +103,15 @@ def render_html(
     runs: pd.DataFrame,
     figures: Sequence[RenderedFigure],
     summary: dict[str, Any],
+    variants: dict[str, Any] | None = None,
 ) -> str:
-    """The whole report page for the runs of ``store``, its figures and its summary."""
+    """The whole report page for the runs of ``store``, its figures and its summary (and the
+    claim × variant robustness table, when given)."""
     body = [
         _header(store, runs, summary),
+        _verdicts(summary),
+        _variants(variants) if variants else "",
         _figure_index(figures),
-        _findings(summary),
         '<section id="figures"><h2>Figures</h2>',
         *(_figure(f) for f in figures),
         "</section>",
@@ -118,7 +139,7 @@ def _header(store: str, runs: pd.DataFrame, summary: dict[str, Any]) -> str:
         "<p>Power laws are <i>y</i> = <i>a</i>·<i>x</i><sup>−α</sup> (+ <i>c</i> for offset "
         f"fits); intervals in brackets are {_percent(settings.get('confidence'))} bootstrap "
         f"percentile intervals over {escape(str(settings.get('n_bootstrap', '?')))} replicates. "
-        "Error bars are the standard deviation over seeds.</p>",
+        "Error bars are the same bootstrap intervals of each point's mean over its seeds.</p>",
     ]
     if len(failed):
         items = "".join(
@@ -164,119 +185,155 @@ def _figure(figure: RenderedFigure) -> str:
     )
 
 
-# ---- what the numbers support --------------------------------------------------------
+# ---- the verdicts (decided in analysis.findings; rendered here) ------------------------
 
 
-def _findings(summary: dict[str, Any]) -> str:
-    """Per family: exponent comparison, kernel directions, w*, kernel- vs feature-driven."""
-    sections = []
-    for family in summary.get("families", {}):
-        lines = [
-            *_exponent_findings(summary, family),
-            *_direction_findings(summary, family),
-            *_transition_findings(summary, family),
-            *_kernel_driven_findings(summary, family),
-        ]
-        items = "".join(f"<li>{line}</li>" for line in lines)
-        sections.append(f"<h3>{escape(family)}</h3><ul>{items}</ul>")
+def _verdicts(summary: dict[str, Any]) -> str:
+    """The verdict table: claim, family, statistic, CI, rule, verdict, reason; then the parts."""
+    findings = summary.get("findings")
+    if not findings:
+        return (
+            '<section id="verdicts"><h2>Verdicts</h2><p>This summary holds no verdicts '
+            "(made by an older ntklens); rebuild the report to derive them.</p></section>"
+        )
+    settings = findings.get("settings", {})
+    fraction = summary.get("settings", {}).get("fraction")
+    llm = ", ".join(str(w) for w in settings.get("llm_widths", []))
+    rows: list[Row] = []
+    parts: list[Row] = []
+    for entry in findings.get("verdicts", []):
+        family = entry.get("family") or "—"
+        statistic = entry.get("statistic") or {}
+        attributes = {"claim": entry["claim"], "family": family, "verdict": entry["verdict"]}
+        rows.append(
+            (
+                attributes,
+                {
+                    "claim": entry.get("title", entry["claim"]),
+                    "family": family,
+                    "statistic": _statistic_text(statistic),
+                    "value": _value_text(statistic),
+                    "ci": _ci_text(statistic),
+                    "rule": entry.get("rule", ""),
+                    "verdict": entry["verdict"],
+                    "reason": entry.get("reason", ""),
+                },
+            )
+        )
+        for part in entry.get("parts", []):
+            part_statistic = part.get("statistic") or {}
+            status = part.get("verdict") or part.get("scaling")
+            if status is None and "identified" in part:
+                status = "identified" if part["identified"] else "not identified"
+            parts.append(
+                (
+                    {**attributes, "part": str(part.get("part", ""))},
+                    {
+                        "claim": entry["claim"],
+                        "family": family,
+                        "part": str(part.get("part", "")),
+                        "statistic": _part_statistic(part, part_statistic),
+                        "status": str(status or ""),
+                        "reason": str(part.get("reason", "")),
+                    },
+                )
+            )
+    intro = (
+        f"<p>Each verdict follows the rule beside it (decided in "
+        f"<code>ntklens.analysis.findings</code>, stored in <code>summary.json</code> under "
+        f"<code>findings</code>). Equivalence margin m = {escape(_num(settings.get('margin')))} "
+        f"in exponent units; fits count only with R² ≥ {escape(_num(settings.get('min_r2')))}; "
+        f"intervals {_percent(settings.get('confidence'))} (equivalence tests "
+        f"{_percent(settings.get('tost_confidence'))}); LLM widths for w*/LLM: "
+        f"{escape(llm or '—')}; threshold fraction of the descriptive w* estimators: "
+        f"{escape(_num(fraction))}.</p>"
+    )
     return (
-        '<section id="findings"><h2>What the numbers support</h2>'
-        + "".join(sections)
-        + "</section>"
+        f'<section id="verdicts"><h2>Verdicts</h2>{intro}'
+        + _table("verdict-table", _VERDICT_COLUMNS, rows)
+        + "<details><summary>Each verdict's parts (per observable, width or estimator)"
+        "</summary>" + _table("verdict-parts", _PART_COLUMNS, parts) + "</details></section>"
     )
 
 
-def _exponent_findings(summary: dict[str, Any], family: str) -> list[str]:
-    comparison = summary.get("exponent_comparison", {}).get(family, {})
-    lines = []
-    for quantity in ("test_loss", "test_error"):
-        entry = comparison.get(quantity)
-        if entry is None:
-            continue
-        data, width = entry["data"], entry["width"]
-        verdict = (
-            "the exponents differ" if entry["excludes_zero"] else "consistent with equal exponents"
-        )
-        lines.append(
-            f"{escape(quantity.replace('_', ' '))}: α = {_estimate(data['alpha'], data['ci'])} "
-            f"under data scaling ({escape(data['group'])}) and "
-            f"{_estimate(width['alpha'], width['ci'])} under width scaling "
-            f"({escape(width['group'])}); difference {_estimate(entry['diff'], entry['ci'])}: "
-            f"{verdict}."
-        )
-    return lines or ["No performance exponents to compare (needs both a data and a width sweep)."]
-
-
-def _direction_findings(summary: dict[str, Any], family: str) -> list[str]:
-    directions = summary.get("kernel_directions", {})
-    along = {
-        axis: directions.get(axis, {}).get(family, {}).get("overall", {})
-        for axis in ("data", "width")
-    }
-    keys = [f"{k}/change" for k in summary.get("settings", {}).get("observables", [])]
-    pairs = {
-        key: (along["data"][key]["majority"], along["width"][key]["majority"])
-        for key in ["kernel_change", *keys]
-        if key in along["data"] and key in along["width"]
-    }
-    if not pairs:
-        return []
-    listed = "; ".join(f"{escape(k)}: {d} / {w}" for k, (d, w) in pairs.items())
-    opposite = [k for k, p in pairs.items() if set(p) == {"increases", "decreases"}]
-    verdict = (
-        f"opposite directions for {escape(', '.join(opposite))}"
-        if opposite
-        else "no kernel quantity moves in opposite directions"
+def _variants(table: dict[str, Any]) -> str:
+    """Claim × variant: each variant's verdict with its statistic, and what each variant is."""
+    listing = table.get("variants", [])
+    names = [v["name"] for v in listing if v.get("status") == "ran"]
+    columns = {"claim": "claim", "scope": "scope", **{f"v-{n}": n for n in names}}
+    rows: list[Row] = []
+    for row in table.get("rows", []):
+        cells = {"claim": table.get("claims", {}).get(row["claim"], row["claim"]),
+                 "scope": row["scope"]}  # fmt: skip
+        for name in names:
+            cell = row["cells"].get(name)
+            if cell is None:
+                cells[f"v-{name}"] = "—"
+                continue
+            value = cell.get("value")
+            number = "" if value is None else f" ({_num(value)} {_interval(cell.get('ci'))})"
+            cells[f"v-{name}"] = f"{cell['verdict']}{number}"
+        rows.append(({"claim": row["claim"], "family": row["scope"]}, cells))
+    items = "".join(
+        f"<li><code>{escape(v['name'])}</code> ({escape(v.get('axis', ''))}): "
+        f"{escape(v.get('description', ''))} — {escape(v.get('status', ''))}</li>"
+        for v in listing
     )
-    return [
-        "Training-induced kernel change with more data / with more width (majority over "
-        f"groups): {listed}. So: {verdict}."
-    ]
-
-
-def _transition_findings(summary: dict[str, Any], family: str) -> list[str]:
-    transition = summary.get("transition", {})
-    if "skipped" in transition:
-        return [f"Transition width w* not estimated: {escape(transition['skipped'])}."]
-    groups = {
-        key: entry
-        for key, entry in transition.get(family, {}).items()
-        if any(entry.get(m, {}).get("w_star") is not None for m in _METHODS)
-    }
-    if not groups:
-        return ["No transition width w* could be estimated for this family."]
-    key = max(groups, key=lambda k: int(k.split("=")[1]))
-    entry = groups[key]
-    estimates = ", ".join(
-        f"{_estimate(entry[m]['w_star'], entry[m]['ci'])} ({name})"
-        for m, name in _METHODS.items()
-        if entry.get(m, {}).get("w_star") is not None
+    return (
+        '<section id="variants"><h2>Robustness: verdicts under the protocol variants</h2>'
+        + _table("variant-table", columns, rows)
+        + f"<ul>{items}</ul></section>"
     )
-    method = next(m for m in _METHODS if entry.get(m, {}).get("w_star") is not None)
-    ratios = entry.get("llm_ratio", {}).get(method, {})
-    line = f"Transition width at {escape(key)}: w* = {estimates}."
+
+
+def _statistic_text(statistic: dict[str, Any]) -> str:
+    return str(statistic.get("name", "—")) if statistic else "—"
+
+
+def _value_text(statistic: dict[str, Any]) -> str:
+    if not statistic:
+        return "—"
+    if statistic.get("text"):
+        return str(statistic["text"])
+    value = statistic.get("value")
+    if value is None:
+        return "not identified" if "w*" in str(statistic.get("name", "")) else "—"
+    text = _num(value)
+    ratios = statistic.get("llm_ratio")
     if ratios:
-        listed = ", ".join(f"{_num(r)} (width {escape(w)})" for w, r in ratios.items())
-        line += f" w*/LLM width by the {_METHODS[method]} estimate: {listed}"
-        if all(r is not None and r < 1 for r in ratios.values()):
-            line += ", so those widths lie beyond w*, on the kernel side of the transition"
-        line += "."
-    return [line]
+        text += " (" + ", ".join(f"w*/{w} = {_num(r)}" for w, r in ratios.items()) + ")"
+    return text
 
 
-def _kernel_driven_findings(summary: dict[str, Any], family: str) -> list[str]:
-    per_group = summary.get("kernel_vs_network_data_exponent", {}).get(family, {})
-    verdicts: dict[str, list[str]] = {}
-    for group, entry in per_group.items():
-        if "test_loss" in entry:
-            verdicts.setdefault(entry["test_loss"]["scaling"], []).append(group)
-    if not verdicts:
-        return []
-    listed = "; ".join(f"{v} at {', '.join(g)}" for v, g in sorted(verdicts.items()))
-    return [
-        "Data-scaling exponent of the test loss against that of regression with the step-0 "
-        f"eNTK (a CI of the difference that excludes 0 means feature-driven): {escape(listed)}."
-    ]
+def _ci_text(statistic: dict[str, Any]) -> str:
+    if not statistic or statistic.get("value") is None:
+        return "—"
+    shown = _interval(statistic.get("ci"))
+    if shown == "—":
+        return shown
+    return f"{shown} ({_percent(statistic.get('confidence'))})"
+
+
+def _part_statistic(part: dict[str, Any], statistic: dict[str, Any]) -> str:
+    """One line for a part: its statistic with CI, the w* it located, or the slopes."""
+    if "data" in statistic and "width" in statistic:
+        data, width = statistic["data"], statistic["width"]
+        return (
+            f"slope/decade along data ({data['group']}) {_num(data['slope'])} "
+            f"{_interval(data['ci'])}; along width ({width['group']}) {_num(width['slope'])} "
+            f"{_interval(width['ci'])}"
+        )
+    if part.get("identified"):
+        bounds = part.get("ci") or part.get("bracket")
+        label = "CI" if part.get("ci") else "between"
+        ratios = ", ".join(f"w*/{w} = {_num(r)}" for w, r in part.get("llm_ratio", {}).items())
+        return f"w* = {_num(part['w_star'])}, {label} {_interval(bounds)}; {ratios}"
+    if statistic:
+        return (
+            f"{statistic.get('name', '')} = {_num(statistic.get('value'))} "
+            f"{_interval(statistic.get('ci'))}"
+        )
+    return "—"
 
 
 # ---- summary tables --------------------------------------------------------------------
@@ -419,6 +476,12 @@ def _transition_rows(summary: dict[str, Any], skipped: list[str]) -> Iterator[Ro
     if "skipped" in transition:
         skipped.append(f"transition width: {transition['skipped']}")
         return
+    fraction = _num(summary.get("settings", {}).get("fraction"))
+    labels = {
+        "broken_power_law": "broken power law (checked)",
+        "threshold": f"threshold, f = {fraction} (descriptive)",
+        "advantage": f"advantage, f = {fraction} (descriptive)",
+    }
     for family, groups in transition.items():
         for group, entry in groups.items():
             if "skipped" in entry:
@@ -439,7 +502,7 @@ def _transition_rows(summary: dict[str, Any], skipped: list[str]) -> Iterator[Ro
                     {"family": family, "group": group, "signal": shown_signal, "method": method},
                     {
                         "family": family, "group": group, "signal": shown_signal,
-                        "method": _METHODS[method], "w-star": _num(estimate.get("w_star")),
+                        "method": labels[method], "w-star": _num(estimate.get("w_star")),
                         "w-star-ci": _interval(estimate.get("ci")),
                         "llm-ratio": ", ".join(
                             f"{_num(r)} (/{w})" for w, r in (ratios or {}).items()
@@ -454,6 +517,8 @@ def _transition_note(estimate: dict[str, Any]) -> str:
     if "skipped" in estimate:
         return estimate["skipped"]
     details = estimate.get("details", {})
+    if estimate.get("identified") is False and estimate.get("reason"):
+        return estimate["reason"]
     notes = [details[k] for k in ("reason", "ci_reason") if details.get(k)]
     if details.get("at_grid_edge"):
         notes.append("break at the edge of the width grid")

@@ -35,9 +35,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import ntklens
 from ntklens.errors import NtkLensError
-from ntklens.schema import RunResult, RunSpec
+from ntklens.schema import VERSION, RunResult, RunSpec
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.parquet"
@@ -162,6 +161,20 @@ class Store:
         """Tidy records of all runs: run_id, step, quantity, value."""
         return self.query("SELECT * FROM records ORDER BY run_id, step, quantity")
 
+    def final(self) -> pd.DataFrame:
+        """One row per run: its ``runs()`` columns, ``final_step`` (its last recorded step)
+        and, one column each, every quantity's value at the last step it was recorded."""
+        runs = self.runs()
+        last = self.query(
+            "SELECT run_id, quantity, arg_max(value, step) AS value FROM records "
+            "GROUP BY run_id, quantity"
+        )
+        steps = self.query("SELECT run_id, max(step) AS final_step FROM records GROUP BY run_id")
+        wide = last.pivot(index="run_id", columns="quantity", values="value")
+        wide.columns.name = None
+        final = runs.merge(steps, on="run_id", how="left")
+        return final.merge(wide, left_on="run_id", right_index=True, how="left")
+
     def spectra(self) -> pd.DataFrame:
         """Kernel spectra of all runs: run_id, step, kind, values (float64 arrays)."""
         frame = self.query("SELECT * FROM spectra ORDER BY run_id, step, kind")
@@ -246,7 +259,7 @@ def _run_document(result: RunResult) -> dict[str, Any]:
         "failed_step": result.failed_step,
         "wall_time_s": float(result.wall_time_s),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-        "ntklens_version": ntklens.__version__,
+        "ntklens_version": VERSION,
     }
 
 

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ntklens.sweep.api import run_study, study_config
     from ntklens.sweep.config import StudyConfig, load_config, validate_config
     from ntklens.sweep.driver import SweepSummary, run_sweep
     from ntklens.sweep.executors import Executor, LocalExecutor, RayExecutor, make_executor
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from ntklens.sweep.progress import LiveProgress, LogProgress, SweepProgress, make_progress
 
 _SOURCES = {
+    "run_study": "api",
+    "study_config": "api",
     "StudyConfig": "config",
     "load_config": "config",
     "validate_config": "config",
@@ -49,7 +52,9 @@ __all__ = [
     "make_progress",
     "plan",
     "plan_table",
+    "run_study",
     "run_sweep",
+    "study_config",
     "validate_config",
 ]
 

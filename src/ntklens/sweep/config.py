@@ -25,9 +25,10 @@ from ntklens.schema import (
     ModelFamily,
     OptimizerName,
     Parameterization,
+    is_reference,
 )
 
-DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "digits", "teacher"]
+DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "digits", "teacher", "npz"]
 LrRule = Literal["constant", "inverse_width", "sqrt_inverse_width"]
 
 DIGITS_TOTAL = 1797  # scikit-learn's digits; the data module holds out DIGITS_TEST_SIZE
@@ -55,7 +56,27 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
     "cifar10": DatasetFacts(50_000, 10_000, (3, 32, 32), 10),
     "digits": DatasetFacts(1_497, 300, (1, 8, 8), 10),
     "teacher": DatasetFacts(None, None, None, None),
+    "npz": DatasetFacts(None, None, None, None),  # read from the file at plan time
 }
+FAMILY_ONLY_KEYS = ("depth", "activation", "weight_std", "bias_std")
+
+
+def _reference(value: str | None) -> str | None:
+    """A factory reference; a "file.py:function" path is made absolute (from the cwd)."""
+    if value is None:
+        return None
+    if not is_reference(value):
+        raise ValueError(
+            f"{value!r} is not a factory reference; write 'package.module:function' or "
+            "'path/to/file.py:function'"
+        )
+    module, _, attribute = value.rpartition(":")
+    if module.endswith(".py"):
+        path = Path(module).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"no file {str(path)!r}; give the path from the working directory")
+        return f"{path}:{attribute}"
+    return value
 
 
 class _Section(BaseModel):
@@ -75,9 +96,16 @@ class DataSection(_Section):
 
     dataset: DatasetName = "fashion-mnist"
     path: str | None = None
+    factory: str | None = None
+    options: dict[str, Any] = {}
     n_test: int | None = Field(default=2000, gt=0)
     subset_seed: int = 0
     teacher: TeacherSection | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_reference(cls, value: str | None) -> str | None:
+        return _reference(value)
 
     @field_validator("n_test", mode="before")
     @classmethod
@@ -87,8 +115,8 @@ class DataSection(_Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_dir():
-            raise ValueError(f"no directory {value!r}; give the folder that holds the files")
+        if value is not None and not Path(value).expanduser().exists():
+            raise ValueError(f"no such file or directory {value!r}; check the path")
         return value
 
 
@@ -104,14 +132,23 @@ class ProbeSection(_Section):
 
 
 class ModelSection(_Section):
-    """The width-parameterized model family; width and parameterization are sweep axes."""
+    """The width-parameterized model family, or your factory; width and parameterization are
+    sweep axes. ``options`` go to the family ("cnn": kernel_size, padding, pooling) or to the
+    factory as keyword arguments."""
 
     family: ModelFamily = "mlp"
+    factory: str | None = None
+    options: dict[str, Any] = {}
     depth: int = Field(default=2, gt=0)
     activation: ActivationName = "relu"
     weight_std: float | None = Field(default=None, gt=0)
     bias_std: float | None = Field(default=None, ge=0)
     center_output: bool = False
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_reference(cls, value: str | None) -> str | None:
+        return _reference(value)
 
 
 class TrainSection(_Section):
@@ -262,8 +299,15 @@ def _check_consistency(config: StudyConfig) -> None:
             "data.teacher",
             f"only applies to dataset = 'teacher', not {data.dataset!r}; remove [data.teacher]",
         )
+    _check_factories(config)
+    if data.factory is not None:
+        return  # sizes are checked at plan time, from the factory's arrays
     facts = DATASET_FACTS[data.dataset]
-    if config.model.family == "cnn" and data.dataset == "teacher":
+    if data.dataset == "npz" and (data.path is None or not Path(data.path).is_file()):
+        raise _Problem("data.path", "dataset = 'npz' needs the .npz file; give path = 'x.npz'")
+    if data.path is not None and data.dataset != "npz" and not Path(data.path).is_dir():
+        raise _Problem("data.path", f"{data.path!r} is not a directory; give the folder")
+    if config.model.factory is None and config.model.family == "cnn" and data.dataset == "teacher":
         raise _Problem(
             "model.family",
             f"'cnn' needs image data but {data.dataset!r} is a vector dataset; use 'mlp'",
@@ -289,6 +333,27 @@ def _check_consistency(config: StudyConfig) -> None:
             f"{probe.n} probe points but the {probe.split} split has only {split_size}; "
             f"use at most {split_size}",
         )
+
+
+def _check_factories(config: StudyConfig) -> None:
+    """Factory keys that cannot go with the built-in keys beside them."""
+    data, model = config.data, config.model
+    if model.factory is not None:
+        if "family" in model.model_fields_set:
+            raise _Problem("model.family", "give family or factory, not both; remove one")
+        for key in FAMILY_ONLY_KEYS:
+            if key in model.model_fields_set:
+                raise _Problem(
+                    f"model.{key}",
+                    "applies to the built-in families only; pass it to your factory in "
+                    "[model] options instead",
+                )
+    if data.factory is not None:
+        for key in ("dataset", "path", "teacher"):
+            if key in data.model_fields_set:
+                raise _Problem(f"data.{key}", "give dataset or factory, not both; remove one")
+    elif data.options:
+        raise _Problem("data.options", "only used by a data factory; set data.factory or remove")
 
 
 _FIXES = {

@@ -4,42 +4,56 @@ The grid is the cartesian product of parameterizations × widths × n_train × l
 rates × seeds, in that (stable) order. Each run's learning rate is the base rate put
 through the config's width rule. A run's id is :attr:`RunSpec.run_id`, a hash of the
 normalized spec, so equal runs in two configs share an id and a store.
+
+Before any run, :func:`check_specs` reads each dataset's real shape (an ``.npz`` file or a
+data factory is loaded), builds each model (built-in family or factory) at the smallest
+width of the sweep and checks that it maps those inputs to one logit per class; a bad
+factory or file becomes one :class:`~ntklens.errors.NtkLensError` line.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from functools import cache
 
 import pandas as pd
 from torch import nn
 
-from ntklens.models import build_model, count_flops, count_parameters
-from ntklens.schema import RunSpec
+from ntklens.data import load_dataset
+from ntklens.errors import ConfigError, DataError
+from ntklens.models import build_model, build_spec_model, count_flops, count_parameters
+from ntklens.models.factory import check_output_shape
+from ntklens.schema import RunSpec, is_reference
 from ntklens.sweep.config import DATASET_FACTS, StudyConfig
 from ntklens.train.probes import probe_steps
 from ntklens.train.run import total_steps
 
 DEFAULT_STEPS = 500  # when the config gives neither steps nor epochs
-PLAN_COLUMNS = ("run_id", "parameterization", "width", "n_train", "lr", "seed", "steps", "gflop")
+PLAN_COLUMNS = (
+    "run_id", "model", "parameterization", "width", "n_train", "lr", "seed", "steps", "params",
+    "gflop",
+)  # fmt: skip
 
 
-def plan(config: StudyConfig) -> list[RunSpec]:
-    """Every run of the study, in a stable order."""
+def plan(config: StudyConfig, *, check: bool = True) -> list[RunSpec]:
+    """Every run of the study, in a stable order; ``check`` runs :func:`check_specs` on them."""
     data, probe, model, train, sweep = (
         config.data, config.probe, config.model, config.train, config.sweep
     )  # fmt: skip
     teacher = data.teacher
     fixed = {
-        "dataset": data.dataset,
+        "dataset": data.factory or data.dataset,
         "data_path": data.path,
+        "data_options": data.options,
         "subset_seed": data.subset_seed,
         "n_test": data.n_test,
         "n_probe": probe.n,
         "probe_split": probe.split,
         "probe_seed": probe.seed,
-        "model": model.family,
+        "model": model.factory or model.family,
+        "model_options": model.options,
         "depth": model.depth,
         "activation": model.activation,
         "weight_std": model.weight_std,
@@ -62,6 +76,7 @@ def plan(config: StudyConfig) -> list[RunSpec]:
         "ridge": train.ridge,
         "dtype": train.dtype,
         "device": train.device,
+        "study": config.name,
     }
     if teacher is not None:
         fixed |= {
@@ -72,7 +87,7 @@ def plan(config: StudyConfig) -> list[RunSpec]:
     grid = itertools.product(
         sweep.parameterizations, sweep.widths, sweep.n_train, config.base_lrs, sweep.seeds
     )
-    return [
+    specs = [
         RunSpec(
             **fixed,
             parameterization=parameterization,
@@ -83,23 +98,90 @@ def plan(config: StudyConfig) -> list[RunSpec]:
         )
         for parameterization, width, n_train, base_lr, seed in grid
     ]
+    if check:
+        check_specs(specs)
+    return specs
+
+
+@cache
+def _external_facts(
+    dataset: str, path: str | None, options: str
+) -> tuple[tuple[int, ...], int, int, int]:
+    """(example shape, classes, train size, test size) of an .npz file or data factory."""
+    loaded = load_dataset(dataset, path=path, **json.loads(options))
+    shape = tuple(loaded.x_train.shape[1:])
+    return shape, loaded.n_classes, len(loaded.y_train), len(loaded.y_test)
+
+
+def _is_external(spec: RunSpec) -> bool:
+    return spec.dataset == "npz" or is_reference(spec.dataset)
 
 
 def data_shape(spec: RunSpec) -> tuple[tuple[int, ...], int, int]:
     """(example shape, number of classes, test-set size) of the run's dataset."""
+    if _is_external(spec):
+        shape, k, _, n_test = _external_facts(spec.dataset, spec.data_path, spec.data_options)
+        return shape, k, min(spec.n_test or n_test, n_test)
     facts = DATASET_FACTS[spec.dataset]
     if facts.in_shape is None or facts.n_classes is None or facts.n_test is None:
         return (spec.teacher_input_dim,), spec.teacher_n_classes, spec.n_test or 2000
     return facts.in_shape, facts.n_classes, spec.n_test or facts.n_test
 
 
+def check_specs(specs: list[RunSpec]) -> None:
+    """Check every dataset and model of ``specs`` before any run (see the module docstring).
+
+    A model is built once per architecture, at the smallest width it is planned at.
+    """
+    for spec in {(s.dataset, s.data_path, s.data_options): s for s in specs}.values():
+        if not _is_external(spec):
+            continue
+        try:
+            _, _, n_train, n_test = _external_facts(spec.dataset, spec.data_path, spec.data_options)
+        except DataError as error:
+            raise DataError(f"data {spec.data_path or spec.dataset}: {error}") from None
+        same = [s for s in specs if (s.dataset, s.data_path) == (spec.dataset, spec.data_path)]
+        sizes = {"train": n_train, "test": n_test}
+        largest = max(s.n_train for s in same)
+        if largest > n_train:
+            raise ConfigError(
+                f"sweep.n_train: {largest} exceeds the {n_train} training examples of "
+                f"{spec.data_path or spec.dataset}; use at most {n_train}"
+            )
+        if spec.n_test is not None and spec.n_test > n_test:
+            raise ConfigError(
+                f"data.n_test: {spec.n_test} exceeds the {n_test} test examples of "
+                f"{spec.data_path or spec.dataset}; use at most {n_test} or 'all'"
+            )
+        available = sizes[spec.probe_split]
+        if spec.probe_split == "test" and spec.n_test is not None:
+            available = min(available, spec.n_test)
+        if spec.n_probe > available:
+            raise ConfigError(
+                f"probe.n: {spec.n_probe} probe points but the {spec.probe_split} split has "
+                f"only {available}; use at most {available}"
+            )
+    architectures: dict[tuple[object, ...], RunSpec] = {}
+    for spec in sorted(specs, key=lambda s: s.width):
+        key = (spec.model, spec.model_options, spec.parameterization, spec.depth,
+               spec.activation, spec.weight_std, spec.bias_std, spec.dataset, spec.data_path,
+               spec.data_options, spec.teacher_input_dim, spec.teacher_n_classes)  # fmt: skip
+        architectures.setdefault(key, spec)
+    for spec in architectures.values():
+        in_shape, k, _ = data_shape(spec)
+        model = build_spec_model(spec, in_shape, k)
+        check_output_shape(model, spec.model, in_shape, k)
+
+
 @dataclass(frozen=True)
 class ModelCost:
-    """FLOPs of one architecture: a forward pass, and one pair of examples of an eNTK."""
+    """FLOPs of one architecture: a forward pass, and one pair of examples of an eNTK;
+    and its number of trainable parameters."""
 
     forward: float
     pair_trace: float
     pair_full: float
+    params: int = 0
 
 
 @cache
@@ -113,6 +195,15 @@ def model_cost(
     and output gradients, 2·(in + K·out) (the layerwise method picks the cheaper).
     """
     model = build_model(family, width=width, depth=depth, in_shape=in_shape, n_outputs=n_outputs)
+    return _cost(model, in_shape, n_outputs)
+
+
+@cache
+def _spec_model_cost(spec: RunSpec, in_shape: tuple[int, ...], n_outputs: int) -> ModelCost:
+    return _cost(build_spec_model(spec, in_shape, n_outputs), in_shape, n_outputs)
+
+
+def _cost(model: nn.Module, in_shape: tuple[int, ...], n_outputs: int) -> ModelCost:
     params = count_parameters(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     linear_params = sum(count_parameters(m) for m in linears)
@@ -123,7 +214,18 @@ def model_cost(
         layerwise = fan_in + rows * fan_out + rows * (params - linear_params)
         return 2.0 * min(rows * params, layerwise)
 
-    return ModelCost(count_flops(model, in_shape), pair(n_outputs), pair(n_outputs**2))
+    forward = count_flops(model, in_shape)
+    return ModelCost(forward, pair(n_outputs), pair(n_outputs**2), params)
+
+
+def spec_cost(spec: RunSpec) -> ModelCost:
+    """The :class:`ModelCost` of the run's architecture."""
+    in_shape, k, _ = data_shape(spec)
+    if not is_reference(spec.model) and not spec.model_kwargs:
+        return model_cost(spec.model, spec.width, spec.depth, in_shape, k)
+    architecture = {"seed": 0, "lr": 1.0, "n_train": 1, "steps": 1, "epochs": None,
+                    "study": None}  # fmt: skip
+    return _spec_model_cost(spec.model_copy(update=architecture), in_shape, k)
 
 
 def estimate_flops(spec: RunSpec) -> float:
@@ -135,8 +237,8 @@ def estimate_flops(spec: RunSpec) -> float:
     the kernel and computes the spectral position on a batch; the step-0 kernel baseline
     builds the eNTK on train × (train + test) and solves it (n³/3).
     """
-    in_shape, k, n_test = data_shape(spec)
-    cost = model_cost(spec.model, spec.width, spec.depth, in_shape, k)
+    cost = spec_cost(spec)
+    _, k, n_test = data_shape(spec)
     full = spec.kernel_output == "full"
     steps = total_steps(spec, spec.n_train)
     batch = min(spec.batch_size or spec.n_train, spec.n_train)
@@ -159,12 +261,14 @@ def plan_table(specs: list[RunSpec]) -> pd.DataFrame:
     rows = [
         {
             "run_id": spec.run_id,
+            "model": spec.model,
             "parameterization": spec.parameterization,
             "width": spec.width,
             "n_train": spec.n_train,
             "lr": spec.lr,
             "seed": spec.seed,
             "steps": total_steps(spec, spec.n_train),
+            "params": spec_cost(spec).params,
             "gflop": estimate_flops(spec) / 1e9,
         }
         for spec in specs

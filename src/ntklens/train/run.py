@@ -34,7 +34,7 @@ from ntklens.data import (
 )
 from ntklens.errors import ConfigError, DataError
 from ntklens.infinite import infinite_kernel_for
-from ntklens.models import WidthModel, build_model
+from ntklens.models import build_spec_model, param_groups
 from ntklens.models.centering import CenteredModel
 from ntklens.schema import RECORD_COLUMNS, RunResult, RunSpec, Spectrum
 from ntklens.train.baselines import infinite_baseline, infinite_probe, kernel0_baseline
@@ -75,7 +75,7 @@ def _load(spec: RunSpec) -> Dataset:
     """The spec's dataset; the teacher task is generated with exactly ``n_train`` examples
     (a larger ``n_train`` extends a smaller one) and ``n_test`` test examples."""
     if spec.dataset != "teacher":
-        return load_dataset(spec.dataset, path=spec.data_path)
+        return load_dataset(spec.dataset, path=spec.data_path, **spec.data_kwargs)
     options = {"n_test": spec.n_test} if spec.n_test is not None else {}
     return load_dataset(
         "teacher",
@@ -151,7 +151,7 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 
 
 def build_optimizer(
-    model: WidthModel, spec: RunSpec, n_steps: int
+    model: nn.Module, spec: RunSpec, n_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """SGD (with ``momentum``) or Adam on the model's per-layer learning rates, and the
     cosine schedule over ``n_steps`` (None for a constant learning rate).
@@ -160,7 +160,7 @@ def build_optimizer(
     each step updates them in one fused call instead of one call per tensor.
     """
     by_lr: dict[float, list[torch.nn.Parameter]] = {}
-    for group in model.param_groups(spec.lr, spec.optimizer):
+    for group in param_groups(model, spec.lr, spec.optimizer):
         by_lr.setdefault(group["lr"], []).extend(group["params"])
     groups = [{"params": params, "lr": lr} for lr, params in by_lr.items()]
     if spec.optimizer == "sgd":
@@ -243,20 +243,9 @@ class RunSetup:
     loop: TrainingLoop
 
 
-def build_run_model(spec: RunSpec, data: RunData) -> WidthModel:
+def build_run_model(spec: RunSpec, data: RunData) -> nn.Module:
     """The spec's network for ``data``, initialized from ``spec.seed``, on its device/dtype."""
-    model = build_model(
-        spec.model,
-        width=spec.width,
-        depth=spec.depth,
-        in_shape=tuple(data.train.x.shape[1:]),
-        n_outputs=data.n_classes,
-        parameterization=spec.parameterization,
-        activation=spec.activation,
-        weight_std=spec.weight_std,
-        bias_std=spec.bias_std,
-        seed=spec.seed,
-    )
+    model = build_spec_model(spec, tuple(data.train.x.shape[1:]), data.n_classes)
     return model.to(device=data.train.x.device, dtype=data.train.x.dtype)
 
 
