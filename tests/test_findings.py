@@ -280,13 +280,14 @@ def test_missing_axes_give_inconclusive_needs_not_errors() -> None:
     assert {r["verdict"] for r in summary["findings"]["verdicts"]} <= set(VERDICTS)
 
 
-def test_parameter_count_comparison_where_runs_record_it() -> None:
+@pytest.mark.parametrize("step", [0, LAST])  # training runs record n_params at step 0
+def test_parameter_count_comparison_where_runs_record_it(step: int) -> None:
     """With n_params = w² (a deep-MLP count) the width exponent halves against parameters."""
     laws = {"ntk": {"test_loss": power(3.0, -0.3, -0.6)}}
     runs, records = study(laws)
     widths = runs.set_index("run_id")["width"]
     extra = pd.DataFrame(
-        {"run_id": widths.index, "step": LAST, "quantity": "n_params",
+        {"run_id": widths.index, "step": step, "quantity": "n_params",
          "value": widths.to_numpy(np.float64) ** 2}
     )  # fmt: skip
     row = verdict_rows(
@@ -296,6 +297,14 @@ def test_parameter_count_comparison_where_runs_record_it() -> None:
     (params,) = [p for p in row["parts"] if p["part"] == "vs parameters"]
     assert params["verdict"] == "supported", params["reason"]
     assert params["alpha_params"]["alpha"] == pytest.approx(0.3, abs=0.02)
+
+
+def test_parameter_count_comparison_without_n_params_says_what_it_needs() -> None:
+    laws = {"ntk": {"test_loss": power(3.0, -0.3, -0.6)}}
+    row = verdict_rows(summarize(*study(laws), **OPTIONS), "similar_exponents")["mlp/ntk"]
+    (params,) = [p for p in row["parts"] if p["part"] == "vs parameters"]
+    assert params["verdict"] == "inconclusive" and "n_params" in params["reason"]
+    assert "statistic" not in params
 
 
 def test_advantage_by_width_matches_the_seed_means() -> None:

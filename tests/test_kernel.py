@@ -257,7 +257,7 @@ def test_diagonal_tiles_split_into_sub_blocks_match() -> None:
 
 
 class FlatBatch(nn.Module):
-    """Folds a sequence into the batch before its Linear: rows are not samples there."""
+    """Folds a sequence into the batch before its Linear: rows are positions of samples."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -267,14 +267,27 @@ class FlatBatch(nn.Module):
         return self.mix(x.reshape(-1, 4)).reshape(len(x), -1)
 
 
+class Unstructured(nn.Module):
+    """A weight used nonlinearly (sin) beside a Linear: only that weight falls back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.odd = nn.Parameter(torch.randn(3, 4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + x @ torch.sin(self.odd).T
+
+
 @pytest.mark.parametrize(
     ("build", "shape", "gram_weights", "fallback"),
     [
         (mlp, (5,), {"0.weight", "2.weight", "4.weight"}, set()),
         (TwiceLinear, (5,), {"inp.weight", "shared.weight", "head.weight"}, set()),
-        (layer_norm, (5,), {"0.weight", "3.weight"}, {"1.weight", "1.bias"}),
-        (FreeParameter, (4,), set(), {"scale", "fc.weight"}),
-        (FlatBatch, (3, 4), set(), {"mix.weight", "mix.bias"}),
+        (layer_norm, (5,), {"0.weight", "3.weight"}, set()),
+        (FreeParameter, (4,), {"fc.weight"}, set()),
+        (FlatBatch, (3, 4), set(), set()),  # structured, as per-sample gradients
+        (Unstructured, (4,), {"fc.weight"}, {"odd"}),
     ],
 )
 def test_layerwise_covers_linear_layers_and_falls_back_for_the_rest(
@@ -289,9 +302,9 @@ def test_layerwise_covers_linear_layers_and_falls_back_for_the_rest(
     x = torch.randn(4, *shape, dtype=torch.float64)
     with eval_mode(model):
         plan, _ = LayerwisePlan.probe(model, x, n_pairs=2.0, full=True)
-    assert {g.weight for g in plan.groups if g.mode == "gram"} == gram_weights
+    assert {g.key for g in plan.groups if g.mode == "gram"} == gram_weights
     assert set(plan.fallback) == fallback
-    shared = [g for g in plan.groups if g.weight == "shared.weight"]
+    shared = [g for g in plan.groups if g.key == "shared.weight"]
     assert all(g.positions == 2 for g in shared)
     assert_close(
         ntklens.ntk(model, x, method="layerwise"), reference_kernel(model, x, None, "full")

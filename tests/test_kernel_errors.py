@@ -113,3 +113,71 @@ def test_flatten_rejects_a_trace_kernel() -> None:
 def test_matvec_checks_its_vector(model: CountingModel) -> None:
     matvec = ntk_matvec(model, X)
     raises_one_line(r"v must be a tensor of shape \(6, 2\)", matvec, torch.zeros(6, 3))
+
+
+class TupleModel(nn.Module):
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.as_dict = as_dict
+
+    def forward(self, x: Tensor) -> object:
+        out = self.fc(x)
+        return {"logits": out, "hidden": x} if self.as_dict else (out, x)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m: ntklens.ntk(m, X.long()), r"x1 has dtype torch.int64 .*pass x1.float\(\)"),
+        (lambda m: ntklens.ntk(m, X[:, 0]), r"x1 has shape \(6,\) .*x1.unsqueeze\(1\)"),
+        (lambda m: ntk_matvec(m, X.long()), r"x has dtype torch.int64"),
+        (lambda m: ntklens.ntk(m, X, output_fn="logits"), "output_fn must be a function"),
+    ],
+)
+def test_careless_inputs_are_named(model: CountingModel, call: Callable, match: str) -> None:
+    raises_one_line(match, call, model)
+
+
+@pytest.mark.parametrize(
+    ("as_dict", "match"),
+    [
+        (False, r"model returned a tuple of 2, not a tensor; pass output_fn=lambda out: out\[0\]"),
+        (True, r"model returned a dict with keys \['logits', 'hidden'\].*out\['logits'\]"),
+    ],
+)
+@pytest.mark.parametrize("method", ["auto", "jacobian", "vector-products", "layerwise"])
+def test_non_tensor_output_asks_for_output_fn(as_dict: bool, match: str, method: str) -> None:
+    raises_one_line(match, ntklens.ntk, TupleModel(as_dict), X, method=method)
+    raises_one_line(match, ntk_matvec, TupleModel(as_dict), X)
+
+
+def test_output_without_batch_dimension_first_is_refused() -> None:
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x).sum(0)
+
+    raises_one_line("batch dimension first: pass output_fn=", ntklens.ntk, Summed(), X)
+
+
+def test_calls_that_change_with_the_batch_size_stop_layerwise() -> None:
+    class BatchDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.a(x)
+            return self.b(h) if len(x) > 4 else h
+
+    raises_one_line(
+        "other calls on a batch of 6 than on the probe batches",
+        ntklens.ntk,
+        BatchDependent(),
+        X,
+        method="layerwise",
+    )

@@ -14,6 +14,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from ntklens.analysis.summary import run_table
 from ntklens.errors import DataError, DataNotFoundError, NtkLensError
 from ntklens.infinite import analytic_ntk
 from ntklens.kernel import ntk
@@ -584,6 +585,34 @@ def test_standard_parameterization_with_a_width_scaled_lr_in_a_study() -> None:
     traces = [by_step(run(s.model_copy(update={"steps": 1})))[0]["ntk_trace"] for s in specs]
     ratios = [lr * trace for lr, trace in zip([s.lr for s in specs], traces, strict=True)]
     assert max(ratios) / min(ratios) < 2
+
+
+def mlp_parameter_count(d: int, width: int, depth: int, k: int) -> int:
+    """Weights and biases of d → W → … → W → K with ``depth`` hidden layers, in closed form."""
+    return d * width + width + (depth - 1) * (width * width + width) + width * k + k
+
+
+def test_run_records_its_trainable_parameter_count(tiny_result: RunResult) -> None:
+    spec = tiny_result.spec
+    expected = mlp_parameter_count(
+        spec.teacher_input_dim, spec.width, spec.depth, spec.teacher_n_classes
+    )
+    values = by_step(tiny_result)
+    assert values[0]["n_params"] == expected
+    assert not any("n_params" in values[s] for s in values if s != 0)
+    # the summary's run table reads it as the run's parameter count
+    runs = pd.DataFrame([{**spec.model_dump(), "run_id": spec.run_id, "status": "ok"}])
+    records = tiny_result.records.assign(run_id=spec.run_id)
+    (table,) = run_table(runs, records, ("entropy",)).values()
+    assert table["n_params"].tolist() == [expected]
+
+
+def test_centered_run_counts_only_the_trained_network() -> None:
+    spec = tiny_spec(steps=1, probe_points_per_decade=0, width=8, depth=3)
+    spec = spec.model_copy(update={"center_output": True})
+    values = by_step(run(spec))
+    expected = mlp_parameter_count(spec.teacher_input_dim, 8, 3, spec.teacher_n_classes)
+    assert values[0]["n_params"] == expected  # the frozen initial copy is not counted
 
 
 def test_baseline_toggles_leave_out_their_records() -> None:

@@ -8,7 +8,9 @@ Each run is reduced to one number per quantity:
   step-0 kernel-regression baseline (``kernel0_test_loss``, ``kernel0_test_error``);
 * for each kernel observable ``k``: ``k/init`` (step 0), ``k/end`` (the last step at which
   the run recorded it) and ``k/change = end − init``; plus ``kernel_change``, the relative
-  Frobenius change of the eNTK at the end (``ntk_change``).
+  Frobenius change of the eNTK at the end (``ntk_change``);
+* ``n_params``, the trainable parameter count a run records at step 0 (a ``runs`` column of
+  that name takes precedence), the resource of the parameter-count verdict.
 
 A power law needs a quantity of one sign: a quantity whose runs are all negative is fitted
 as ``|y|`` (the fit dict says ``"sign": "negative"``), one that changes sign is not fitted.

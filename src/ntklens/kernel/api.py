@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ntklens.errors import NtkLensError
 from ntklens.kernel.functional import (
     ModelProbe,
+    SelectOutput,
     eval_mode,
     model_device,
     trainable_parameters,
@@ -40,7 +41,9 @@ from ntklens.kernel.validation import (
     check_dtype,
     check_input,
     check_model,
+    check_output_fn,
     check_pair,
+    forward_error,
 )
 from ntklens.schema import KERNEL_METHODS, KERNEL_OUTPUTS, KernelMethod, KernelOutput
 
@@ -56,6 +59,7 @@ def ntk(
     method: KernelMethod = "auto",
     memory_budget: int | str = "2GiB",
     dtype: torch.dtype | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
 ) -> Tensor:
     """The eNTK of ``model`` between ``x1`` and ``x2`` (x1 itself when None).
 
@@ -65,9 +69,56 @@ def ntk(
     exact Jacobians for other parameters) or "auto" (the fastest estimate that fits).
     Data are tiled so that the estimated peak memory, the result included (the model
     itself not), stays within ``memory_budget`` (bytes or e.g. "4GiB"). ``dtype``
-    computes in that precision on a copy of the model. The model runs in eval mode on its
-    own device and is left as it was; each sample's output must depend on it alone.
+    computes in that precision on a copy of the model. ``output_fn`` maps the model's
+    output (a tuple, dict or ModelOutput) to the (N, ...) tensor to differentiate. The
+    model runs in eval mode on its own device and is left as it was; each sample's output
+    must depend on it alone.
     """
+    with _prepared(model, x1, x2, output, method, memory_budget, dtype, output_fn) as setup:
+        choice = _cheapest(setup.candidates, setup.n1, setup.n2, setup.output_bytes, setup.budget)
+        _log.info("method %s, %s", choice.name, choice.plan)
+        if choice.name == "layerwise":
+            share = setup.plan.fallback_share(setup.probe, setup.pairs_per_sample)
+            if share > 0.5:
+                _log.warning(
+                    "layerwise: exact Jacobians of unstructured parameters (%s) carry %.0f%% "
+                    "of the estimated cost; ntklens.kernel.explain(model, x) says why",
+                    ", ".join(setup.plan.fallback[:4]),
+                    100 * share,
+                )
+        return choice.kernel().assemble(setup.x1, setup.x2, choice.plan, setup.layout)
+
+
+@dataclass
+class _Setup:
+    """Checked arguments, the layer-wise plan and the candidate methods of one call."""
+
+    net: nn.Module
+    x1: Tensor
+    x2: Tensor | None
+    n1: int
+    n2: int | None
+    budget: int
+    plan: LayerwisePlan
+    probe: ModelProbe
+    layout: Layout
+    output_bytes: float
+    candidates: list[_Candidate]
+    pairs_per_sample: float
+
+
+@contextmanager
+def _prepared(
+    model: object,
+    x1: object,
+    x2: object,
+    output: object,
+    method: object,
+    memory_budget: int | str,
+    dtype: object,
+    output_fn: object,
+) -> Iterator[_Setup]:
+    """Check every argument, probe the model and list the candidate methods."""
     model = check_model(model)
     x1 = check_input("x1", x1)
     if x2 is not None:
@@ -76,21 +127,29 @@ def ntk(
     method = check_choice("method", method, KERNEL_METHODS)
     budget = parse_memory(memory_budget)
     dtype = check_dtype(dtype)
-    with _computing_copy(model, dtype) as net, eval_mode(net):
+    select = check_output_fn(output_fn)
+    with _computing_copy(model, dtype) as copy_, eval_mode(copy_):
+        net = copy_ if select is None else SelectOutput(copy_, select)
         param_dtype = next(iter(trainable_parameters(net).values())).dtype
         device = model_device(net)
         x1 = _to(x1, device, param_dtype)
         x2 = None if x2 is None else _to(x2, device, param_dtype)
         n2 = None if x2 is None else len(x2)
         pairs_per_sample = (n2 or len(x1) / 2) * len(x1) / (len(x1) + (n2 or 0))
-        plan, probe = LayerwisePlan.probe(net, x1, pairs_per_sample, full)
+        try:
+            plan, probe = LayerwisePlan.probe(net, x1, pairs_per_sample, full, x2)
+        except NtkLensError:
+            raise
+        except Exception as error:
+            raise forward_error("x1", x1, error) from error
         layout = Layout(full, probe.n_outputs)
         output_bytes = len(x1) * (n2 or len(x1)) * probe.element_size
         output_bytes *= probe.n_outputs**2 if full else 1
         candidates = _candidates(net, plan, probe, full, method)
-        choice = _cheapest(candidates, len(x1), n2, output_bytes, budget)
-        _log.info("method %s, %s", choice.name, choice.plan)
-        return choice.kernel().assemble(x1, x2, choice.plan, layout)
+        yield _Setup(
+            net, x1, x2, len(x1), n2, budget, plan, probe, layout, output_bytes, candidates,
+            pairs_per_sample,
+        )  # fmt: skip
 
 
 def flatten(kernel: Tensor) -> Tensor:
@@ -126,7 +185,7 @@ def _candidates(
     if method in ("auto", "jacobian"):
         cost = jacobian_cost(probe, probe.n_params, full)
         candidates.append(_Candidate("jacobian", cost, lambda: jacobian_kernel(net, k, full)))
-    if method in ("auto", "vector-products"):
+    if method == "vector-products" or (method == "auto" and not plan.opaque):
         cost = vector_products_cost(probe, full)
         candidates.append(
             _Candidate("vector-products", cost, lambda: vector_products_kernel(net, k, full))

@@ -12,14 +12,17 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+
+from ntklens.errors import NtkLensError
 
 Params = dict[str, Tensor]
 
@@ -50,6 +53,75 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+class SelectOutput(nn.Module):
+    """``model`` followed by ``fn`` on its output (a tuple, dict or ModelOutput)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[object], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(self.model(x))
+
+
+def model_output(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)``, which must be a tensor with the batch dimension first."""
+    out = model(x)
+    if not isinstance(out, Tensor):
+        raise NtkLensError(_output_message(out))
+    if out.dim() == 0 or out.shape[0] != len(x):
+        shape = tuple(out.shape)
+        raise NtkLensError(
+            f"model output has shape {shape} for a batch of {len(x)}; it must have the "
+            "batch dimension first: pass output_fn= to select or reshape it"
+        )
+    return out
+
+
+def _output_message(out: object) -> str:
+    kind = type(out).__name__
+    if isinstance(out, dict):
+        keys = list(out)[:4]
+        return (
+            f"model returned a {kind} with keys {keys}, not a tensor; pass "
+            f"output_fn=lambda out: out[{keys[0]!r}] (or the entry to differentiate)"
+            if keys
+            else f"model returned an empty {kind}; pass output_fn= that returns a tensor"
+        )
+    if isinstance(out, tuple | list):
+        return (
+            f"model returned a {kind} of {len(out)}, not a tensor; pass "
+            "output_fn=lambda out: out[0] (or the entry to differentiate)"
+        )
+    return f"model returned a {kind}, not a tensor; pass output_fn= that returns a tensor"
+
+
+class _Portable(TorchFunctionMode):
+    """Evaluates ops that forward-mode AD lacks by their decompositions.
+
+    Being active at all also turns off the inference fast paths of
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (they check for torch
+    function overrides), whose fused kernels have no forward AD.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g = args[0], args[1]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            dims = [d for d in range(v.dim()) if d != dim % v.dim()]
+            return v * (g / v.pow(2).sum(dim=dims, keepdim=True).sqrt())
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def portable() -> Iterator[None]:
+    """Run the model so that forward-mode AD works: math SDPA, no fused fast paths."""
+    with sdpa_kernel(SDPBackend.MATH), _Portable():
+        yield
 
 
 def output_fn(
@@ -92,6 +164,25 @@ class ModelProbe:
     element_size: int
 
 
+def per_sample(small: ModelProbe, large: ModelProbe, n_small: int, n_large: int) -> ModelProbe:
+    """Per-sample costs as the difference of two probes at different batch sizes.
+
+    Work that does not grow with the batch (a parametrization materializing its weight,
+    learned queries) then does not count as per-sample; linear costs are unchanged.
+    """
+    spread = n_large - n_small
+
+    def slope(a: float, b: float) -> float:
+        value = (b * n_large - a * n_small) / spread
+        return value if value > 0 else a
+
+    return replace(
+        small,
+        forward_flops=slope(small.forward_flops, large.forward_flops),
+        activation_bytes=slope(small.activation_bytes, large.activation_bytes),
+    )
+
+
 class _ActivationCounter(TorchFunctionMode):
     """Counts the elements of every floating-point tensor the forward pass produces."""
 
@@ -108,12 +199,16 @@ class _ActivationCounter(TorchFunctionMode):
 
 
 def probe_model(
-    model: nn.Module, x: Tensor, also: TorchFunctionMode | None = None, n_samples: int = 2
+    model: nn.Module,
+    x: Tensor,
+    also: TorchFunctionMode | None = None,
+    n_samples: int = 2,
+    outputs: list[Tensor] | None = None,
 ) -> ModelProbe:
     """Forward FLOPs, activation bytes and output count per sample of ``model`` on ``x``.
 
     ``also``: another mode to observe the same forward pass (which runs with autograd on,
-    as in a real computation).
+    as in a real computation); ``outputs``: a list that receives the model's output.
     """
     batch = x[:n_samples]
     counter = _ActivationCounter()
@@ -123,7 +218,9 @@ def probe_model(
         counter,
         also if also is not None else nullcontext(),
     ):
-        out = model(batch)
+        out = model_output(model, batch)
+    if outputs is not None:
+        outputs.append(out)
     params = trainable_parameters(model)
     element_size = next(iter(params.values())).element_size()
     return ModelProbe(

@@ -37,8 +37,45 @@ def per_sample_jacobians(model: nn.Module, names: Iterable[str], x: Tensor) -> T
         pieces = theta.split(sizes)
         return f({n: p.view(s) for n, p, s in zip(diff, pieces, shapes, strict=True)}, sample)
 
-    with torch.no_grad():
-        return vmap(jacrev(f_flat), in_dims=(None, 0))(flat, x)
+    try:
+        with torch.no_grad():
+            return vmap(jacrev(f_flat), in_dims=(None, 0))(flat, x)
+    except RuntimeError as error:
+        if not untransformable(error):
+            raise
+    return _autograd_jacobians(model, diff, x)
+
+
+def untransformable(error: Exception) -> bool:
+    """Whether torch.func failed on a custom autograd.Function it cannot transform."""
+    return "setup_context" in str(error) or "functorch" in str(error)
+
+
+def _autograd_jacobians(model: nn.Module, names: list[str], x: Tensor) -> Tensor:
+    """∂f_a(x_i)/∂θ by plain autograd, one sample and output at a time: (T, K, P).
+
+    Exact where torch.func cannot go (a custom ``autograd.Function`` without
+    ``setup_context``), at the price of T·K backward passes.
+    """
+    params = trainable_parameters(model)
+    wanted = [params[name] for name in names]
+    rows = []
+    with torch.enable_grad():
+        for sample in x:
+            out = model(sample.unsqueeze(0)).reshape(-1)
+            per_output = []
+            for a in range(len(out)):
+                grads = torch.autograd.grad(out[a], wanted, retain_graph=True, allow_unused=True)
+                per_output.append(
+                    torch.cat(
+                        [
+                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(grads, wanted, strict=True)
+                        ]
+                    )
+                )
+            rows.append(torch.stack(per_output))
+    return torch.stack(rows).detach()
 
 
 def add_jacobian_product(block: Tensor, j1: Tensor, j2: Tensor) -> None:

@@ -1,20 +1,27 @@
-"""The eNTK from the structured Gram identity of Linear and Conv layers.
+"""The eNTK from structured per-sample gradients and the Gram identity.
 
-A weight W used as ``out = W a`` (at positions l: rows of a Linear input, patches of a
+A weight W used as ``out = W a`` (at positions l: rows of a linear input, patches of a
 convolution) has the per-sample gradient ∂f_a(x_i)/∂W = Σ_l G_{ial} ⊗ A_{il}, with A the
-layer input and G the cotangent of its output. Its kernel contribution is therefore
+use's input and G the cotangent of its output. Its kernel contribution is therefore
 
     Θ_W[(i,a),(j,b)] = Σ_{l,m} (A_il · A_jm) (G_ial · G_jbm),
 
 which for one position is (A Aᵀ) ⊙ (G Gᵀ): Grams of small matrices in place of a
-contraction over all of W's entries. A bias is a weight on a constant input 1: it adds 1
-to every entry of A's Gram, or its per-sample gradient is Σ_l G_{ial}. Every call of
-``F.linear``/``F.conv1d``/``F.conv2d`` on a trainable weight is recorded (a torch
-function mode sees module and functional calls alike); calls of the same weight
-concatenate along positions, which makes the cross-call terms of shared weights exact.
-Where positions are many, the per-sample weight gradient Σ_l G ⊗ A is formed instead and
-contracted like a Jacobian, whichever costs fewer FLOPs. Parameters used in any other way
-(norms, embeddings, free tensors) get exact per-sample Jacobians restricted to them
+contraction over all of W's entries. An embedding is the same with A one-hot: its input
+Gram is the equality of tokens. A bias is a weight on a constant input 1. Norm affines
+and other elementwise parameters get their per-sample gradients from the same
+cotangents. Where positions are many, the per-sample weight gradient Σ_l G ⊗ A is formed
+instead and contracted like a Jacobian, whichever costs fewer FLOPs.
+
+:mod:`ntklens.kernel.rules` records the uses (views of a parameter included, as an index
+map back to its entries). Uses of one parameter with the same index map concatenate
+along positions, which makes the cross terms of shared weights exact; uses on disjoint
+entries (q, k and v chunks of a packed projection) add; uses that overlap otherwise are
+combined as per-sample gradients on the parameter's own entries. A weight-normalized
+weight ``g·v/‖v‖`` contributes through the parametrization's Jacobian. The sample axis
+of every use is found by recording the model on two batches of different sizes and
+checking that each sample's rows are the same in both (:func:`rules.find_layout`).
+Parameters used in any other way get exact per-sample Jacobians restricted to them
 (:mod:`ntklens.kernel.jacobian`).
 """
 
@@ -23,184 +30,104 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-from ntklens.kernel.functional import ModelProbe, probe_model, trainable_parameters
+from ntklens.errors import NtkLensError
+from ntklens.kernel.functional import (
+    ModelProbe,
+    model_output,
+    per_sample,
+    probe_model,
+    trainable_parameters,
+)
 from ntklens.kernel.jacobian import (
     add_jacobian_product,
     empty_block,
     jacobian_cost,
     per_sample_jacobians,
 )
+from ntklens.kernel.rules import GRAM_RULES, Layout, Recorder, Use, WeightNorm, find_layout
 from ntklens.kernel.tiling import Cost, Footprint, TiledKernel
 
-#: Spatial dimensions of the supported calls (0: linear).
-_SPATIAL_DIMS = {F.linear: 0, F.conv1d: 1, F.conv2d: 2}
-_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-
-
-@dataclass(eq=False)
-class _Call:
-    """One recorded linear or convolution call on a trainable weight or bias.
-
-    ``inputs``: (T, Gr, D, L) rows or patches per group of channels, L the positions
-    (None when the weight is not differentiated); ``output``: the call's output, for its
-    cotangents; ``spatial``: 0 for a linear call, else the convolution's spatial dims.
-    """
-
-    weight: str | None
-    bias: str | None
-    inputs: Tensor | None
-    output: Tensor
-    groups: int
-    spatial: int
-
-    def cotangents(self, grad: Tensor) -> Tensor:
-        """(K, T, *out) cotangents of the output as (T, K, Gr, C, L)."""
-        k, t = grad.shape[:2]
-        if self.spatial == 0:
-            return grad.reshape(k, t, 1, -1, grad.shape[-1]).permute(1, 0, 2, 4, 3)
-        return grad.reshape(k, t, self.groups, grad.shape[2] // self.groups, -1).transpose(0, 1)
-
-
-class _Recorder(TorchFunctionMode):
-    """Records supported calls on tracked parameters and flags all other uses of them.
-
-    A recorded call's output is handed on as a copy, so that in-place operations after it
-    cannot change the tensor whose cotangents are taken.
-    """
-
-    def __init__(self, params: dict[str, Tensor], batch: int) -> None:
-        super().__init__()
-        self.names = {id(p): name for name, p in params.items()}
-        self.params = params
-        self.batch = batch
-        self.calls: list[_Call] = []
-        self.other_uses: set[str] = set()
-
-    def name_of(self, tensor: Any) -> str | None:
-        name = self.names.get(id(tensor))
-        return name if name is not None and self.params[name] is tensor else None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        recorded: tuple[Any, ...] = ()
-        if func in _SPATIAL_DIMS:
-            bound = dict(zip(_ARG_NAMES, args, strict=False)) | kwargs
-            call = self._record(_SPATIAL_DIMS[func], bound, out)
-            if call is not None:
-                self.calls.append(call)
-                recorded = (bound["weight"], bound.get("bias"))
-                out = out.clone()
-        if any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(out)):
-            for leaf in tree_leaves((args, kwargs)):
-                name = self.name_of(leaf)
-                if name is not None and not any(leaf is r for r in recorded):
-                    self.other_uses.add(name)
-        return out
-
-    def _record(self, spatial: int, bound: dict[str, Any], out: Tensor) -> _Call | None:
-        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
-        weight_name = self.name_of(weight)
-        bias_name = self.name_of(bias) if bias is not None else None
-        if weight_name is None and bias_name is None:
-            return None
-        per_sample = x.dim() >= 2 if spatial == 0 else x.dim() == spatial + 2
-        if not per_sample or x.shape[0] != self.batch:
-            return None
-        groups = int(bound.get("groups", 1))
-        inputs = None
-        if weight_name is not None:
-            x = x.detach()
-            if spatial == 0:
-                inputs = x.reshape(len(x), 1, -1, x.shape[-1]).transpose(2, 3)
-            else:
-                inputs = _patches(x, weight.shape[2:], bound, groups)
-        return _Call(weight_name, bias_name, inputs, out, groups, spatial)
-
-
-def _patches(x: Tensor, kernel: tuple[int, ...], bound: dict[str, Any], groups: int) -> Tensor:
-    """The (T, Gr, D, L) input patches that a convolution multiplies with its weight.
-
-    D runs over (input channel, kernel offsets) like the weight's entries, L over output
-    positions. Built from strided views and one copy (faster than ``F.unfold`` on CPU).
-    """
-    spatial = len(kernel)
-
-    def per_dim(value: Any) -> tuple[int, ...]:
-        return (value,) * spatial if isinstance(value, int) else tuple(value)
-
-    stride, dilation = per_dim(bound.get("stride", 1)), per_dim(bound.get("dilation", 1))
-    padding = bound.get("padding", 0)
-    if padding == "same":
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-        pads = [p for total in reversed(totals) for p in (total // 2, total - total // 2)]
-    elif padding == "valid":
-        pads = []
-    else:
-        pads = [p for p in reversed(per_dim(padding)) for _ in range(2)]
-    if any(pads):
-        x = F.pad(x, pads)
-    windows = x
-    for dim, (k, s, d) in enumerate(zip(kernel, stride, dilation, strict=True)):
-        windows = windows.unfold(2 + dim, d * (k - 1) + 1, s)
-    windows = windows[(..., *(slice(None, None, d) for d in dilation))]
-    offsets = range(2 + spatial, 2 + 2 * spatial)
-    positions = range(2, 2 + spatial)
-    windows = windows.permute(0, 1, *offsets, *positions)
-    return windows.reshape(len(x), groups, -1, math.prod(windows.shape[2 + spatial :]))
+#: Sample counts of the two probe batches: (s0, s1) and (s1, s0, s2).
+_PROBE_A, _PROBE_B = 2, 3
 
 
 @dataclass(frozen=True)
 class _Group:
-    """Parameters whose kernel comes from one set of calls.
+    """Uses of one tracked tensor whose kernel share is computed together.
 
-    ``weight`` (with ``bias`` folded in as a constant input 1 when ``mode`` is "gram"), or
-    ``bias`` alone. "gram" keeps inputs and cotangents and contracts their Grams; "grads"
-    forms per-sample gradients and contracts them like Jacobians.
+    ``kind``: "gram" (linear-like uses, Gram or gradients), "embedding", "elementwise"
+    (gradients), "scatter" (overlapping uses, gradients on the parameter's entries).
+    ``mode`` "gram" keeps inputs and cotangents and contracts their Grams; "grads" forms
+    per-sample gradients. ``bias``: a bias folded in as a constant input 1.
     """
 
-    weight: str | None
-    bias: str | None
+    key: str
+    uses: tuple[int, ...]
+    kind: Literal["gram", "embedding", "elementwise", "scatter"]
     mode: Literal["gram", "grads"]
     n_groups: int
     positions: int
     in_dim: int
     out_dim: int
-
-    def calls(self, calls: list[_Call]) -> list[_Call]:
-        if self.weight is not None:
-            return [c for c in calls if c.weight == self.weight]
-        return [c for c in calls if c.bias == self.bias]
+    n_entries: int
+    bias: str | None = None
+    bias_square: float = 0.0
+    weight_norm: WeightNorm | None = None
 
 
 @dataclass
 class GramFeatures:
-    """A weight's inputs (T, Gr, D, L) and output cotangents (T, K, Gr, C, L).
+    """A use's inputs (T, Gr, D, L) or tokens (T, L), and cotangents (T, K, Gr, C, L).
 
-    ``bias``: the bias is folded in, as an input that is 1 at every position.
+    ``bias``: c² for a bias folded in as an input c at every position (0: none).
     """
 
-    inputs: Tensor
+    inputs: Tensor | None
+    tokens: Tensor | None
     cotangents: Tensor
-    bias: bool
+    bias: float
+
+    def __len__(self) -> int:
+        return len(self.cotangents)
 
     def __getitem__(self, rows: slice) -> GramFeatures:
-        return GramFeatures(self.inputs[rows], self.cotangents[rows], self.bias)
+        return GramFeatures(
+            None if self.inputs is None else self.inputs[rows],
+            None if self.tokens is None else self.tokens[rows],
+            self.cotangents[rows],
+            self.bias,
+        )
+
+
+@dataclass
+class WeightedGrads:
+    """Per-sample vectors h (T, K, C) contracted as Σ_c w_c h_iac h_jbc."""
+
+    h: Tensor
+    w: Tensor
+
+    def __len__(self) -> int:
+        return len(self.h)
+
+    def __getitem__(self, rows: slice) -> WeightedGrads:
+        return WeightedGrads(self.h[rows], self.w)
+
+
+Feature = Tensor | GramFeatures | WeightedGrads
 
 
 @dataclass
 class LayerwisePlan:
     """How each trainable parameter's share of the kernel is computed.
 
-    Built from one recorded forward pass on a few samples (:meth:`probe`).
+    Built from two recorded forward passes on a few samples (:meth:`probe`).
+    ``rules``: per parameter, the rule that covers it or why it falls back.
     """
 
     groups: list[_Group]
@@ -208,57 +135,125 @@ class LayerwisePlan:
     n_outputs: int
     full: bool
     params: dict[str, Tensor] = field(repr=False)
+    signatures: list[tuple] = field(repr=False, default_factory=list)
+    layouts: list[Layout | None] = field(repr=False, default_factory=list)
+    rules: dict[str, str] = field(repr=False, default_factory=dict)
+    #: a parameter is used with autograd off (a custom autograd.Function): no forward AD
+    opaque: bool = False
+    aranges: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     @classmethod
     def probe(
-        cls, model: nn.Module, x: Tensor, n_pairs: float, full: bool
+        cls,
+        model: nn.Module,
+        x: Tensor,
+        n_pairs: float,
+        full: bool,
+        x2: Tensor | None = None,
     ) -> tuple[LayerwisePlan, ModelProbe]:
-        """Record the model's calls on ``x[:2]`` and choose a mode per parameter group.
+        """Record the model's uses on two small batches and choose a mode per group.
 
-        ``n_pairs`` (sample pairs per sample featurized) weighs per-sample work against
-        per-pair work in that choice. The same forward pass measures the model's
-        per-sample costs, returned with the plan.
+        The batches hold samples (s0, s1) and (s1, s0, s2) of ``x`` (then ``x2``, repeated
+        if there are fewer). ``n_pairs`` (sample pairs per sample featurized) weighs
+        per-sample work against per-pair work. The same passes measure the model's
+        per-sample costs (their difference), returned with the plan.
         """
         params = trainable_parameters(model)
-        recorder = _Recorder(params, len(x[:2]))
-        probe = probe_model(model, x[:2], also=recorder)
-        weight_calls: dict[str, list[_Call]] = defaultdict(list)
-        bias_calls: dict[str, list[_Call]] = defaultdict(list)
-        for call in recorder.calls:
-            if call.weight is not None and call.weight not in recorder.other_uses:
-                weight_calls[call.weight].append(call)
-            if call.bias is not None and call.bias not in recorder.other_uses:
-                bias_calls[call.bias].append(call)
+        pool = x[:3] if x2 is None or len(x) >= 3 else torch.cat([x[:3], x2[: 3 - len(x)]])
+        samples = pool[[0 % len(pool), 1 % len(pool), 2 % len(pool)]]
+        aranges: dict[str, Tensor] = {}
+        rec_a, rec_b = Recorder(params, aranges), Recorder(params, aranges)
+        probe_a = probe_model(model, samples[[0, 1]], also=rec_a)
+        outputs: list[Tensor] = []
+        probe_b = probe_model(model, samples[[1, 0, 2]], rec_b, _PROBE_B, outputs)
+        probe = per_sample(probe_a, probe_b, _PROBE_A, _PROBE_B)
+        _detach_shared_chains(rec_a.uses, rec_b.uses, outputs[0])
+        plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full)
+        plan.aranges = aranges
+        return plan, probe
+
+    @classmethod
+    def _from_recordings(
+        cls,
+        rec_a: Recorder,
+        rec_b: Recorder,
+        params: dict[str, Tensor],
+        probe: ModelProbe,
+        n_pairs: float,
+        full: bool,
+    ) -> LayerwisePlan:
         k = probe.n_outputs
-        groups = []
-        for weight, used in weight_calls.items():
-            bias = used[0].bias
-            inputs = [c.inputs for c in used if c.inputs is not None]
-            group = _cheaper_mode(
-                _Group(
-                    weight,
-                    bias if bias in bias_calls and bias_calls[bias] == used else None,
-                    "gram",
-                    n_groups=used[0].groups,
-                    positions=sum(a.shape[-1] for a in inputs),
-                    in_dim=inputs[0].shape[2],
-                    out_dim=params[weight].shape[0] // used[0].groups,
-                ),
-                k,
-                n_pairs,
-                full,
-            )
-            if group.bias is not None:
-                del bias_calls[group.bias]
-            groups.append(group)
-        for bias in bias_calls:
-            groups.append(_Group(None, bias, "grads", 1, 1, 1, params[bias].numel()))
-        covered = {name for g in groups for name in (g.weight, g.bias) if name is not None}
-        fallback = [name for name in params if name not in covered]
-        return cls(groups, fallback, k, full, params), probe
+        why = dict(rec_b.other_uses) | dict(rec_a.other_uses)
+        uses = rec_a.uses
+        signatures = [u.signature for u in uses]
+        if signatures != [u.signature for u in rec_b.uses]:
+            for u in uses + rec_b.uses:
+                why.setdefault(u.key, "its calls differ between batches of 2 and 3 samples")
+        layouts: list[Layout | None] = []
+        for i, use in enumerate(uses):
+            layout = None
+            if use.key not in why:
+                layout = find_layout(use, rec_b.uses[i], _PROBE_A, _PROBE_B)
+                if layout is not None and use.pshape is not None and use.pshape[layout.axis] != 1:
+                    layout = None
+                if layout is None:
+                    shape = tuple(use.source.shape)
+                    why[use.key] = f"{use.rule} input of shape {shape} has no per-sample axis"
+            layouts.append(layout)
+        for key, derived in rec_a.derived.items():
+            if any(u.key in (derived.v, derived.g) for u in uses) or {derived.v, derived.g} & set(
+                why
+            ):
+                why.setdefault(key, "its tensors are also used directly")
+        by_key: dict[str, list[int]] = defaultdict(list)
+        for i, use in enumerate(uses):
+            if use.key not in why:
+                by_key[use.key].append(i)
+        groups: list[_Group] = []
+        rules: dict[str, str] = {}
+        for key, indices in by_key.items():
+            derived = rec_a.derived.get(key)
+            arange = rec_a._aranges.get(key)
+            made = _key_groups(key, indices, uses, layouts, k, n_pairs, full, derived, arange)
+            if made is None:
+                why[key] = "its weight-norm uses are not one plain linear or conv class"
+                continue
+            groups.extend(made)
+        _fold_biases(groups, uses, params)
+        for g in groups:
+            names = [g.weight_norm.v, g.weight_norm.g] if g.weight_norm else [g.key]
+            for name in names:
+                rule = _describe(g, uses)
+                rules[name] = rule if name not in rules else f"{rules[name]} + {rule}"
+            if g.bias is not None:
+                into = "Gram" if g.mode == "gram" else "per-sample gradients"
+                rules[g.bias] = f"bias folded into {g.key}'s {into}"
+        fallback = [name for name in params if name not in rules]
+        for key, derived in rec_a.derived.items():
+            for name in (derived.v, derived.g):
+                if name in fallback:
+                    why.setdefault(name, why.get(key, "weight norm not structured"))
+        for name in fallback:
+            rules[name] = "fallback: " + why.get(name, "no use seen by the recorder")
+        opaque = rec_a.opaque or rec_b.opaque
+        return cls(groups, fallback, k, full, params, signatures, layouts, rules, opaque)
 
     def cost(self, probe: ModelProbe) -> Cost:
         """Work and memory: capture passes, Gram or gradient features, fallback Jacobians."""
+        return self._costs(probe)[0]
+
+    def fallback_share(self, probe: ModelProbe, n_pairs: float) -> float:
+        """The fallback Jacobians' share of this plan's estimated work."""
+        total, fallback = self._costs(probe)
+        if fallback is None:
+            return 0.0
+
+        def work(c: Cost) -> float:
+            return 3.0 * c.feature_flops + c.matmul_flops + n_pairs * c.pair_flops
+
+        return work(fallback) / max(work(total), 1.0)
+
+    def _costs(self, probe: ModelProbe) -> tuple[Cost, Cost | None]:
         k, size = self.n_outputs, probe.element_size
         # a forward pass and K backward passes that skip weight gradients
         feature_flops = (1 + k) * probe.forward_flops if self.groups else 0.0
@@ -272,6 +267,7 @@ class LayerwisePlan:
             largest_pair = max(largest_pair, p_elems * size)
         if self.groups:
             work += (2 + k) * probe.activation_bytes
+        jac = None
         if self.fallback:
             n_fallback = sum(self.params[name].numel() for name in self.fallback)
             jac = jacobian_cost(probe, n_fallback, self.full)
@@ -281,69 +277,386 @@ class LayerwisePlan:
             work += jac.footprint.work
         k_pair = k * k if self.full else 1
         footprint = Footprint(feature, work, 2 * k_pair * size + largest_pair)
-        return Cost(feature_flops, pair_flops, footprint, matmul_flops)
+        return Cost(feature_flops, pair_flops, footprint, matmul_flops), jac
 
-    def kernel(self, model: nn.Module) -> TiledKernel[list[Tensor | GramFeatures]]:
+    def kernel(self, model: nn.Module) -> TiledKernel[list[Feature]]:
         """The tiled kernel: features per tile, contracted group by group."""
         return TiledKernel(lambda x: self.features(model, x), self.contract)
 
-    def features(self, model: nn.Module, x: Tensor) -> list[Tensor | GramFeatures]:
-        """Gram features per "gram" group, then one (T, K, P) tensor of all per-sample
-        gradients: of "grads" groups, biases alone and fallback parameters."""
-        grams: list[Tensor | GramFeatures] = []
+    def features(self, model: nn.Module, x: Tensor) -> list[Feature]:
+        """Gram features per "gram" group, then (T, K, P) per-sample gradients of the
+        "grads" groups and of the fallback parameters (one tensor each, not concatenated:
+        that would copy them all once more)."""
+        grams: list[Feature] = []
         gradients: list[Tensor] = []
         if self.groups:
-            calls, cotangents = self._capture(model, x)
-            t, k = len(x), self.n_outputs
+            uses, cotangents = self._capture(model, x)
+            t = len(x)
             for group in self.groups:
-                used = group.calls(calls)
-                g = _concat([cotangents[id(c)] for c in used])
-                if group.weight is None:
-                    gradients.append(g.sum(dim=-1).reshape(t, k, -1))
-                    continue
-                a = _concat([c.inputs for c in used if c.inputs is not None])
-                if group.mode == "gram":
-                    grams.append(GramFeatures(a, g, bias=group.bias is not None))
-                else:
-                    gradients.append(_weight_grads(g, a))
+                made = self._group_features(group, uses, cotangents, t)
+                for f in made:
+                    (gradients if isinstance(f, Tensor) else grams).append(f)
         if self.fallback:
             gradients.append(per_sample_jacobians(model, self.fallback, x))
-        return grams + ([_concat(gradients, dim=2)] if gradients else [])
+        return grams + gradients
 
-    def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[_Call], dict[int, Tensor]]:
-        """One forward pass recording calls, then the cotangents of all K outputs at once."""
-        recorder = _Recorder(self.params, len(x))
+    def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
+        """One forward pass recording uses, then the cotangents of all K outputs at once."""
+        recorder = Recorder(self.params, self.aranges)
         with torch.enable_grad(), recorder:
-            out = model(x).reshape(len(x), -1)
-        covered = {name for g in self.groups for name in (g.weight, g.bias) if name is not None}
-        calls = [c for c in recorder.calls if c.weight in covered or c.bias in covered]
+            out = model_output(model, x).reshape(len(x), -1)
+        uses = recorder.uses
+        if [u.signature for u in uses] != self.signatures or any(
+            layout is not None and u.source.shape[layout.axis] != len(x) * layout.fold
+            for u, layout in zip(uses, self.layouts, strict=True)
+        ):
+            raise NtkLensError(
+                f"the model made other calls on a batch of {len(x)} than on the probe "
+                "batches (data-dependent control flow?); use method='jacobian'"
+            )
+        needed = sorted(
+            {i for g in self.groups for i in g.uses}
+            | {i for g in self.groups if g.bias for i, u in enumerate(uses) if u.key == g.bias}
+        )
+        outputs: dict[int, Tensor] = {}
+        for i in needed:
+            outputs.setdefault(id(uses[i].output), uses[i].output)
         k = self.n_outputs
         basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, len(x), k)
         grads = torch.autograd.grad(
             out,
-            [c.output for c in calls],
+            list(outputs.values()),
             grad_outputs=basis,
             is_grads_batched=True,
             allow_unused=True,
             materialize_grads=True,
         )
-        cotangents = {id(c): c.cotangents(g) for c, g in zip(calls, grads, strict=True)}
-        return calls, cotangents
+        return uses, dict(zip(outputs, grads, strict=True))
 
-    def contract(self, f1: list[Tensor | GramFeatures], f2: list[Tensor | GramFeatures]) -> Tensor:
+    def _group_features(
+        self, group: _Group, uses: list[Use], cotangents: dict[int, Tensor], t: int
+    ) -> list[Feature]:
+        parts = [(uses[i], self.layouts[i]) for i in group.uses]
+        if group.kind == "elementwise":
+            return [
+                sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
+            ]
+        if group.kind == "scatter":
+            # entries first, so that every scattered row is one contiguous copy
+            k = self.n_outputs
+            grads = torch.zeros(
+                self.params[group.key].numel(),
+                t * k,
+                dtype=uses[0].output.dtype,
+                device=uses[0].output.device,
+            )
+            for u, lay in parts:
+                g = _use_grads(u, lay, cotangents[id(u.output)], t)
+                flat = u.idx.reshape(-1).to(grads.device)
+                grads.index_add_(0, flat, g.reshape(t * k, -1).T)
+            return [grads.T.view(t, k, -1)]
+        feats = [_gram_parts(u, lay, cotangents[id(u.output)], t) for u, lay in parts]
+        cot = torch.cat([f[1] for f in feats], dim=-1) if len(feats) > 1 else feats[0][1]
+        if group.kind == "embedding":
+            tokens = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
+            if group.mode == "gram":
+                return [GramFeatures(None, tokens, cot, bias=0.0)]
+            vocab = group.n_entries // group.out_dim
+            return [_embedding_grads(tokens, cot, group.out_dim, vocab)]
+        inputs = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
+        if group.weight_norm is not None:
+            return self._weight_norm_features(group.weight_norm, inputs, cot)
+        if group.mode == "gram":
+            return [GramFeatures(inputs, None, cot, bias=group.bias_square)]
+        if group.bias is not None:  # the bias as one more input, constant c
+            c = math.sqrt(group.bias_square)
+            ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
+            inputs = torch.cat([inputs, ones], dim=2)
+        return [_weight_grads(cot, inputs)]
+
+    def _weight_norm_features(self, wn: WeightNorm, inputs: Tensor, cot: Tensor) -> list[Feature]:
+        """Θ = Σ_r c_r² ⟨gW_r, gW'_r⟩ + (1 - c_r²)(u_r·gW_r)(u_r·gW'_r), W_r = g_r u_r,
+        u_r = v_r/‖v_r‖, c_r = g_r/‖v_r‖: the weight's Gram and a rank-C correction."""
+        v = self.params[wn.v].detach()
+        v = v.reshape(len(v), -1)
+        norm = v.norm(dim=1)
+        c = self.params[wn.g].detach().reshape(-1) / norm
+        u = v / norm[:, None]
+        scaled = cot * c[None, None, None, :, None]
+        au = torch.einsum("tdl,cd->tcl", inputs[:, 0], u)
+        h = torch.einsum("tkcl,tcl->tkc", cot[:, :, 0], au)
+        return [GramFeatures(inputs, None, scaled, bias=0.0), WeightedGrads(h, 1 - c * c)]
+
+    def contract(self, f1: list[Feature], f2: list[Feature]) -> Tensor:
         """The kernel block between two tiles: the sum of every group's contribution."""
-        first = f1[0].inputs if isinstance(f1[0], GramFeatures) else f1[0]
-        t1 = len(first)
-        t2 = len(f2[0].inputs if isinstance(f2[0], GramFeatures) else f2[0])
-        block = empty_block(first, t1, t2, self.n_outputs, self.full)
+        first = f1[0]
+        like = first.cotangents if isinstance(first, GramFeatures) else first
+        like = like.h if isinstance(like, WeightedGrads) else like
+        block = empty_block(like, len(first), len(f2[0]), self.n_outputs, self.full)
         with torch.no_grad():
             for a, b in zip(f1, f2, strict=True):
                 if isinstance(a, GramFeatures) and isinstance(b, GramFeatures):
                     _add_gram_product(block, a, b)
+                elif isinstance(a, WeightedGrads) and isinstance(b, WeightedGrads):
+                    add_jacobian_product(block, a.h * a.w, b.h)
                 else:
                     assert isinstance(a, Tensor) and isinstance(b, Tensor)
                     add_jacobian_product(block, a, b)
         return block
+
+
+# --- plan ----------------------------------------------------------------------------
+
+
+def _detach_shared_chains(uses_a: list[Use], uses_b: list[Use], out: Tensor) -> None:
+    """Unattach a bias added to f·o (o a linear use's output) where o, or a step to f·o,
+    has another consumer: then o's cotangent is not f times the sum's, and no fold."""
+    consumers: dict[object, int] = defaultdict(int)
+    seen: set[object] = set()
+    stack = [out.grad_fn] if out.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                consumers[parent] += 1
+                stack.append(parent)
+    for use_a, use_b in zip(uses_a, uses_b, strict=False):
+        chain = use_b.chain
+        if chain and any(consumers.get(t.grad_fn, 0) != 1 for t in chain):
+            use_a.attached_to = use_b.attached_to = None
+
+
+def _key_groups(
+    key: str,
+    indices: list[int],
+    uses: list[Use],
+    layouts: list[Layout | None],
+    k: int,
+    n_pairs: float,
+    full: bool,
+    derived: WeightNorm | None,
+    arange: Tensor | None,
+) -> list[_Group] | None:
+    """The groups of one tracked tensor's uses (None: a weight norm that does not fit)."""
+    classes: list[list[int]] = []
+    for i in indices:
+        for cls in classes:
+            first = uses[cls[0]]
+            if _family(first) == _family(uses[i]) and torch.equal(first.idx, uses[i].idx):
+                cls.append(i)
+                break
+        else:
+            classes.append([i])
+    if derived is not None:
+        if len(classes) != 1 or _family(uses[indices[0]]) != "gram":
+            return None
+        first = uses[indices[0]]
+        if first.idx.shape[0] != 1 or not torch.equal(
+            first.idx.reshape(-1), torch.arange(first.idx.numel(), dtype=first.idx.dtype)
+        ):
+            return None
+    if not (len(classes) == 1 and _plain_view(uses[classes[0][0]].idx, arange)) and _overlap(
+        [uses[cls[0]].idx for cls in classes]
+    ):
+        entries = torch.cat([uses[cls[0]].idx.reshape(-1) for cls in classes])
+        n = int(entries.max()) + 1
+        dims = [_dims(uses[i], layouts[i]) for i in indices]
+        return [
+            _Group(
+                key,
+                tuple(indices),
+                "scatter",
+                "grads",
+                1,
+                sum(d[1] for d in dims),
+                max(d[2] for d in dims),
+                max(d[3] for d in dims),
+                n,
+            )
+        ]
+    groups = []
+    for cls in classes:
+        family = _family(uses[cls[0]])
+        dims = [_dims(uses[i], layouts[i]) for i in cls]
+        n_groups, _, in_dim, out_dim = dims[0]
+        positions = sum(d[1] for d in dims)
+        n_entries = uses[cls[0]].idx.numel()
+        if family == "elementwise":
+            kind: Literal["gram", "embedding", "elementwise", "scatter"] = "elementwise"
+            group = _Group(key, tuple(cls), kind, "grads", 1, positions, 1, n_entries, n_entries)
+        else:
+            kind = "embedding" if family == "embedding" else "gram"
+            group = _Group(
+                key, tuple(cls), kind, "gram", n_groups, positions, in_dim, out_dim, n_entries
+            )
+            if derived is not None:
+                group = replace(group, weight_norm=derived)
+            else:
+                group = _cheaper_mode(group, k, n_pairs, full)
+        groups.append(group)
+    return groups
+
+
+def _plain_view(idx: Tensor, arange: Tensor | None) -> bool:
+    """Whether ``idx`` is a strided view of the tensor's own index map without repeats."""
+    if arange is None or (0 in idx.stride() and idx.numel() > 1):
+        return False
+    return idx.untyped_storage().data_ptr() == arange.untyped_storage().data_ptr()
+
+
+def _overlap(maps: list[Tensor]) -> bool:
+    """Whether some entry appears twice among the index maps."""
+    entries = torch.cat([m.reshape(-1) for m in maps])
+    return int(torch.bincount(entries).max()) > 1
+
+
+def _family(use: Use) -> str:
+    if use.rule in GRAM_RULES:
+        return "gram"
+    return "embedding" if use.rule == "embedding" else "elementwise"
+
+
+def _dims(use: Use, layout: Layout | None) -> tuple[int, int, int, int]:
+    """(groups, positions per sample, input features D, output features C) of a use."""
+    assert layout is not None
+    gr, c, d = use.idx.shape if use.idx.dim() == 3 else (1, use.idx.numel(), 1)
+    n = use.source.shape[layout.axis] // layout.fold
+    if use.rule == "linear":
+        positions = use.source.numel() // (n * d)
+    elif use.rule == "conv":
+        positions = use.output.numel() // (n * gr * c)
+    elif use.rule == "conv_transpose":
+        positions = use.source.numel() // (n * gr * d)
+    elif use.rule == "embedding":
+        positions, d = use.source.numel() // n, 1
+    else:
+        positions = use.output.numel() // (n * use.idx.numel())
+    return gr, positions, d, c
+
+
+def _fold_biases(groups: list[_Group], uses: list[Use], params: dict[str, Tensor]) -> None:
+    """Fold a bias into its weight's Gram where it is added at exactly that weight's uses."""
+    by_key: dict[str, list[_Group]] = defaultdict(list)
+    for g in groups:
+        by_key[g.key].append(g)
+    for bias, bias_groups in list(by_key.items()):
+        if len(bias_groups) != 1 or bias not in params:
+            continue
+        (bias_group,) = bias_groups
+        bias_uses = [uses[i] for i in bias_group.uses]
+        if bias_group.kind != "elementwise" or any(u.rule != "shift" for u in bias_uses):
+            continue
+        attached = [u.attached_to for u in bias_uses]
+        if None in attached:
+            continue
+        owners = [g for g in groups if g.kind == "gram" and set(attached) == set(g.uses)]
+        if len(owners) != 1 or len(attached) != len(set(attached)):
+            continue
+        owner = owners[0]
+        if owner.weight_norm is not None or owner.bias is not None:
+            continue
+        identity = torch.arange(params[bias].numel(), dtype=torch.int32)
+        if not all(torch.equal(u.idx.reshape(-1), identity) for u in bias_uses):
+            continue
+        # the bias's gradient is c·Σ_l G_l in units of the weight use's scaled cotangent
+        factors = {
+            u.scale * u.relative / uses[a].scale if uses[a].scale else math.nan  # type: ignore[index]
+            for u, a in zip(bias_uses, attached, strict=True)
+        }
+        if len(factors) != 1 or math.isnan(next(iter(factors))):
+            continue
+        if any(uses[a].rule == "conv_transpose" for a in attached):  # type: ignore[index]
+            continue
+        c = next(iter(factors))
+        groups[groups.index(owner)] = replace(owner, bias=bias, bias_square=c * c)
+        groups.remove(bias_group)
+
+
+def _describe(g: _Group, uses: list[Use]) -> str:
+    rules = sorted({f"{uses[i].rule} [{uses[i].via}]" for i in g.uses})
+    n = len(g.uses)
+    what = ", ".join(rules) + (f" ×{n}" if n > 1 else "")
+    if g.weight_norm is not None:
+        return f"weight_norm of {what} (gram)"
+    if g.kind == "scatter":
+        return f"{what} (per-sample gradients, overlapping views)"
+    return f"{what} ({'gram' if g.mode == 'gram' else 'per-sample gradients'})"
+
+
+# --- features ------------------------------------------------------------------------
+
+
+def _split(t: Tensor, axis: int, layout: Layout, n: int) -> Tensor:
+    """``t`` with its sample axis first, as (n, fold, other dims...)."""
+    return t.movedim(axis, 0).unflatten(0, (n, layout.fold))
+
+
+def _gram_parts(use: Use, layout: Layout | None, grad: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """(inputs (T, Gr, D, L) or tokens (T, L), cotangents (T, K, Gr, C, L)) of a use."""
+    assert layout is not None
+    k = grad.shape[0]
+    if use.rule in ("linear", "embedding"):
+        if use.out_perm is not None:
+            grad = grad.permute(0, *(p + 1 for p in use.out_perm))
+        g = _split(grad, 1 + layout.axis, layout, t).movedim(2, 1)
+        g = g.reshape(t, k, -1, g.shape[-1]).transpose(2, 3).unsqueeze(2) * use.scale
+        data = use.data
+        assert data is not None
+        if use.rule == "embedding":
+            tokens = _split(data, layout.axis, layout, t).reshape(t, -1)
+            padding = use.conv.get("padding_idx")
+            if padding is not None:
+                padding = padding % use.idx.shape[-1]
+                g = g * (tokens != padding)[:, None, None, None, :]
+            return tokens, g
+        rows = _split(data, layout.axis, layout, t)
+        inputs = rows.reshape(t, -1, rows.shape[-1]).transpose(1, 2).unsqueeze(1)
+        return inputs, g
+    conv = use.conv
+    groups, fold = conv["groups"], layout.fold
+    x = use.data
+    assert x is not None
+    if use.rule == "conv":
+        patches = _patches(x, conv["kernel"], conv["stride"], conv["padding"], conv["dilation"])
+        patches = patches.reshape(t, fold, groups, -1, patches.shape[-1])
+        inputs = patches.permute(0, 2, 3, 1, 4).reshape(t, groups, patches.shape[3], -1)
+        g = grad.reshape(k, t, fold, groups, grad.shape[2] // groups, -1)
+        g = g.permute(1, 0, 3, 4, 2, 5).reshape(t, k, groups, g.shape[4], -1)
+        return inputs, g * use.scale
+    inputs = x.reshape(t, fold, groups, x.shape[1] // groups, -1)
+    inputs = inputs.permute(0, 2, 3, 1, 4).reshape(t, groups, x.shape[1] // groups, -1)
+    patches = _transpose_patches(grad.flatten(0, 1), x.shape[2:], conv)
+    patches = patches.reshape(k, t, fold, groups, patches.shape[1] // groups, -1)
+    g = patches.permute(1, 0, 3, 4, 2, 5).reshape(t, k, groups, patches.shape[4], -1)
+    return inputs, g * use.scale
+
+
+def _use_grads(use: Use, layout: Layout | None, grad: Tensor, t: int) -> Tensor:
+    """A use's per-sample gradients (T, K, entries) in its canonical layout."""
+    if use.rule in ("scale", "shift"):
+        return _elementwise_grads(use, layout, grad, t)
+    first, cot = _gram_parts(use, layout, grad, t)
+    if use.rule == "embedding":
+        return _embedding_grads(first, cot, use.idx.shape[1], use.idx.shape[2])
+    return _weight_grads(cot, first)
+
+
+def _elementwise_grads(use: Use, layout: Layout | None, grad: Tensor, t: int) -> Tensor:
+    """Per-sample gradients of a broadcast "scale" or "shift" parameter: (T, K, entries)."""
+    assert layout is not None and use.pshape is not None
+    prod = grad * use.data if use.data is not None else grad
+    k = grad.shape[0]
+    prod = prod.expand(k, *use.output.shape)
+    axis = layout.axis
+    summed = _split(prod, 1 + axis, layout, t).sum(dim=1)
+    rest = use.pshape[:axis] + use.pshape[axis + 1 :]
+    dims = [2 + i for i, size in enumerate(rest) if size == 1]
+    if dims:
+        summed = summed.sum(dim=dims)
+    return summed.reshape(t, k, -1) * use.scale
 
 
 def _weight_grads(cotangents: Tensor, inputs: Tensor) -> Tensor:
@@ -355,30 +668,100 @@ def _weight_grads(cotangents: Tensor, inputs: Tensor) -> Tensor:
     return torch.einsum("tkgcl,tgdl->tkgcd", cotangents, inputs).reshape(t, k, -1)
 
 
-def _concat(parts: list[Tensor], dim: int = -1) -> Tensor:
-    """Positions of several calls (or gradients of several groups) side by side."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+def _embedding_grads(tokens: Tensor, cotangents: Tensor, dim: int, vocab: int) -> Tensor:
+    """Per-sample embedding gradients in the (1, d, V) canonical layout: (T, K, d·V)."""
+    t, k = cotangents.shape[:2]
+    g = cotangents.reshape(t, k * dim, -1)
+    one_hot = F.one_hot(tokens, vocab).to(g.dtype)  # (T, L, V): one batched matmul
+    return torch.bmm(g, one_hot).reshape(t, k, dim * vocab)
+
+
+def _per_dim(value: object, spatial: int) -> tuple[int, ...]:
+    return (value,) * spatial if isinstance(value, int) else tuple(value)  # type: ignore[arg-type]
+
+
+def _patches(
+    x: Tensor, kernel: tuple[int, ...], stride: object, padding: object, dilation: object
+) -> Tensor:
+    """The (T, Gr·D, L) input patches that a convolution multiplies with its weight.
+
+    D runs over (input channel, kernel offsets) like the weight's entries, L over output
+    positions. Built from strided views and one copy (faster than ``F.unfold`` on CPU).
+    """
+    spatial = len(kernel)
+    strides, dilations = _per_dim(stride, spatial), _per_dim(dilation, spatial)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilations, strict=True)]
+        pads = [p for total in reversed(totals) for p in (total // 2, total - total // 2)]
+    elif padding == "valid":
+        pads = []
+    else:
+        pads = [p for p in reversed(_per_dim(padding, spatial)) for _ in range(2)]
+    if any(pads):
+        x = F.pad(x, pads)
+    return _windows(x, kernel, strides, dilations)
+
+
+def _transpose_patches(grad: Tensor, in_shape: torch.Size, conv: dict) -> Tensor:
+    """Patches of a transposed convolution's output cotangent, one per input position:
+    ∂/∂W[ci, co, k] = Σ_p x[ci, p] G[co, p·s + k·d - pad]. Shape (T, Cout·kk, L_in)."""
+    kernel = conv["kernel"]
+    spatial = len(kernel)
+    strides, dilations = _per_dim(conv["stride"], spatial), _per_dim(conv["dilation"], spatial)
+    paddings = _per_dim(conv["padding"], spatial)
+    pads = []
+    for dim in reversed(range(spatial)):
+        needed = (in_shape[dim] - 1) * strides[dim] + dilations[dim] * (kernel[dim] - 1) + 1
+        right = needed - grad.shape[2 + dim] - paddings[dim]
+        pads += [paddings[dim], right]
+    return _windows(F.pad(grad, pads), kernel, strides, dilations)
+
+
+def _windows(
+    x: Tensor, kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]
+) -> Tensor:
+    spatial = len(kernel)
+    windows = x
+    for dim, (k, s, d) in enumerate(zip(kernel, strides, dilations, strict=True)):
+        windows = windows.unfold(2 + dim, d * (k - 1) + 1, s)
+    windows = windows[(..., *(slice(None, None, d) for d in dilations))]
+    offsets = range(2 + spatial, 2 + 2 * spatial)
+    positions = range(2, 2 + spatial)
+    windows = windows.permute(0, 1, *offsets, *positions)
+    return windows.reshape(len(x), -1, math.prod(windows.shape[2 + spatial :]))
+
+
+# --- contraction and costs -------------------------------------------------------------
+
+
+def _input_gram(f1: GramFeatures, f2: GramFeatures) -> Tensor:
+    """Σ_d A_igdl A_jgdm as (Gr, T1, L, T2, M), or (T1, T2) for one position and group."""
+    if f1.tokens is not None and f2.tokens is not None:
+        s = (f1.tokens[:, :, None, None] == f2.tokens[None, None]).to(f1.cotangents.dtype)
+        return s[None]
+    a1, a2 = f1.inputs, f2.inputs
+    assert a1 is not None and a2 is not None
+    if a1.shape[1] == 1 and a1.shape[-1] == 1:
+        return a1.reshape(len(a1), -1) @ a2.reshape(len(a2), -1).T
+    return torch.einsum("igdl,jgdm->giljm", a1, a2)
 
 
 def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None:
     """Add Σ_{g,l,m} (A_il · A_jm)(G_ial · G_jbm) to the block (traced over a=b if 2-D)."""
-    a1, a2, g1, g2 = f1.inputs, f2.inputs, f1.cotangents, f2.cotangents
-    t1, k, n_groups, c, positions = g1.shape
+    g1, g2 = f1.cotangents, f2.cotangents
+    t1, k, _, c, _ = g1.shape
     t2 = len(g2)
     full = block.dim() == 4
-    if n_groups == 1 and positions == 1:
-        s = a1.reshape(t1, -1) @ a2.reshape(t2, -1).T
-        if f1.bias:
-            s += 1
+    s = _input_gram(f1, f2)
+    if f1.bias:
+        s += f1.bias
+    if s.dim() == 2:
         if full:
             gg = (g1.reshape(t1 * k, c) @ g2.reshape(t2 * k, c).T).view(t1, k, t2, k)
             block.addcmul_(gg, s[:, None, :, None])
         else:
             block.addcmul_(g1.reshape(t1, -1) @ g2.reshape(t2, -1).T, s)
         return
-    s = torch.einsum("igdl,jgdm->giljm", a1, a2)
-    if f1.bias:
-        s += 1
     if full:
         gg = torch.einsum("iagcl,jbgcm->gialjbm", g1, g2)
         block.add_(torch.einsum("giljm,gialjbm->iajb", s, gg))
@@ -391,22 +774,22 @@ def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, fl
     """FLOPs per sample, FLOPs per pair, feature elements per sample, pair temporaries."""
     k_pair = k * k if full else k
     if g.mode == "grads":
-        n_entries = g.n_groups * g.out_dim * g.in_dim
-        form = 2 * k * g.n_groups * g.positions * g.out_dim * g.in_dim if g.weight else 0
+        n_entries = g.n_entries if g.kind != "gram" else g.n_groups * g.out_dim * g.in_dim
+        form = 2 * k * g.positions * max(n_entries, g.n_groups * g.out_dim * g.in_dim)
         return form, 2 * k_pair * n_entries, k * n_entries, 0.0
     squares = g.n_groups * g.positions**2
     n_products = k * k if full else 1
     pair = 2 * squares * (g.in_dim + k_pair * g.out_dim) + squares * n_products
     feature = g.n_groups * g.positions * (g.in_dim + k * g.out_dim)
+    if g.weight_norm is not None:
+        pair += 2 * k_pair * g.out_dim
+        feature += k * g.out_dim
     return 0.0, pair, feature, squares * (1 + n_products)
 
 
 def _cheaper_mode(group: _Group, k: int, n_pairs: float, full: bool) -> _Group:
-    """``group`` in the mode with fewer FLOPs for ``n_pairs`` pairs per featurized sample.
-
-    A bias folds into a Gram; with per-sample gradients it becomes a group of its own.
-    """
-    grads = replace(group, mode="grads", bias=None)
+    """``group`` in the mode with fewer FLOPs for ``n_pairs`` pairs per featurized sample."""
+    grads = replace(group, mode="grads")
 
     def flops(g: _Group) -> float:
         per_sample, per_pair, _, _ = _group_costs(g, k, full)

@@ -16,14 +16,19 @@ from torch.func import jacrev, jvp, vjp, vmap
 from ntklens.errors import NtkLensError
 from ntklens.kernel.functional import (
     ModelProbe,
+    SelectOutput,
     detached,
     eval_mode,
     model_device,
-    output_fn,
+    portable,
     probe_model,
     single_sample_fn,
     trainable_parameters,
 )
+from ntklens.kernel.functional import (
+    output_fn as batched_fn,
+)
+from ntklens.kernel.jacobian import untransformable
 from ntklens.kernel.tiling import (
     AUTOGRAD_SLOWDOWN,
     Cost,
@@ -32,24 +37,37 @@ from ntklens.kernel.tiling import (
     largest_tile,
     parse_memory,
 )
-from ntklens.kernel.validation import check_input, check_model
+from ntklens.kernel.validation import check_input, check_model, check_output_fn, forward_error
 
 
 def ntk_matvec(
-    model: nn.Module, x: Tensor, *, memory_budget: int | str = "2GiB"
+    model: nn.Module,
+    x: Tensor,
+    *,
+    memory_budget: int | str = "2GiB",
+    output_fn: Callable[[object], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The map v ↦ Θv for the full eNTK on ``x``, without building Θ.
 
     ``v`` has shape (N, K), indexed like the model's output; so does Θv, with
     (Θv)[i, a] = Σ_{j,b} Θ[i, a, j, b] v[j, b]. Each call costs about one forward, one
     backward and one forward-mode pass over ``x``, in data tiles that fit ``memory_budget``.
-    The model is evaluated in eval mode and left as it was.
+    The model is evaluated in eval mode and left as it was; ``output_fn`` as in
+    :func:`ntklens.ntk`.
     """
     model = check_model(model)
     x = check_input("x", x).to(model_device(model))
     budget = parse_memory(memory_budget)
+    select = check_output_fn(output_fn)
+    if select is not None:
+        model = SelectOutput(model, select)
     with eval_mode(model):
-        probe = probe_model(model, x)
+        try:
+            probe = probe_model(model, x)
+        except NtkLensError:
+            raise
+        except Exception as error:
+            raise forward_error("x", x, error) from error
     k = probe.n_outputs
     tile = largest_tile(
         len(x),
@@ -58,14 +76,22 @@ def ntk_matvec(
         fixed=3 * probe.n_params * probe.element_size,
         what="one sample's forward and backward",
     )
-    f = output_fn(model)
+    f = batched_fn(model)
     tiles = [slice(start, start + tile) for start in range(0, len(x), tile)]
 
     def matvec(v: Tensor) -> Tensor:
+        try:
+            return _matvec(v)
+        except RuntimeError as error:
+            if untransformable(error):
+                raise no_forward_ad(error) from error
+            raise
+
+    def _matvec(v: Tensor) -> Tensor:
         if not isinstance(v, Tensor) or v.shape != (len(x), k):
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise NtkLensError(f"v must be a tensor of shape ({len(x)}, {k}), got {shape}")
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), portable():
             params = detached(trainable_parameters(model))
             v = v.to(device=x.device, dtype=next(iter(params.values())).dtype)
             tangent = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -89,10 +115,18 @@ def vector_products_kernel(model: nn.Module, n_outputs: int, full: bool) -> Tile
     k = n_outputs
     params = detached(trainable_parameters(model))
     f_single = single_sample_fn(model)
-    f_batch = output_fn(model)
+    f_batch = batched_fn(model)
 
     def contract(rows: Tensor, cols: Tensor) -> Tensor:
-        with torch.no_grad():
+        try:
+            return _contract(rows, cols)
+        except RuntimeError as error:
+            if untransformable(error):
+                raise no_forward_ad(error) from error
+            raise
+
+    def _contract(rows: Tensor, cols: Tensor) -> Tensor:
+        with torch.no_grad(), portable():
             cotangents = vmap(jacrev(f_single), in_dims=(None, 0))(params, cols)
             tangents = {name: u.flatten(0, 1) for name, u in cotangents.items()}
 
@@ -105,6 +139,15 @@ def vector_products_kernel(model: nn.Module, n_outputs: int, full: bool) -> Tile
         return columns.diagonal(dim1=1, dim2=3).sum(-1).T
 
     return TiledKernel(lambda x: x, contract)
+
+
+def no_forward_ad(error: Exception) -> NtkLensError:
+    """The error for a model that torch.func's forward mode cannot differentiate."""
+    return NtkLensError(
+        "vector products need torch.func's forward-mode AD, which fails on this model's "
+        "custom autograd.Function (it needs setup_context and a vmap rule); use "
+        "method='layerwise' or 'jacobian'"
+    )
 
 
 def vector_products_cost(probe: ModelProbe, full: bool) -> Cost:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -66,3 +66,29 @@ def check_dtype(dtype: object) -> torch.dtype | None:
             f"dtype must be a floating-point torch.dtype such as torch.float64, got {dtype!r}"
         )
     return dtype
+
+
+def check_output_fn(output_fn: object) -> Callable[[object], Tensor] | None:
+    """``output_fn`` must be None or a callable."""
+    if output_fn is not None and not callable(output_fn):
+        raise NtkLensError(
+            f"output_fn must be a function of the model's output, got {type(output_fn).__name__}"
+        )
+    return output_fn  # type: ignore[return-value]
+
+
+def forward_error(name: str, x: Tensor, error: Exception) -> Exception:
+    """A one-line error for a model that fails on an integer or 1-D ``x``, else ``error``."""
+    first = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    if not x.is_floating_point():
+        return NtkLensError(
+            f"{name} has dtype {x.dtype} and the model failed on it ({first}); pass "
+            f"{name}.float() if the model takes real-valued inputs"
+        )
+    if x.dim() == 1:
+        return NtkLensError(
+            f"{name} has shape {tuple(x.shape)} and the model failed on it ({first}); put the "
+            f"batch dimension first: {name}.unsqueeze(1) for N scalar inputs, "
+            f"{name}.unsqueeze(0) for one sample"
+        )
+    return error

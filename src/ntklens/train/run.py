@@ -278,6 +278,11 @@ def prepare(spec: RunSpec) -> RunSetup:
     return RunSetup(data=data, model=model, loss_fn=loss_fn, n_steps=n_steps, loop=loop)
 
 
+def count_trainable(model: nn.Module) -> int:
+    """The number of scalar parameters with ``requires_grad`` (each shared tensor once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _failure_message(spec: RunSpec, error: Exception, step: int, n_steps: int) -> str:
     if isinstance(error, NonFiniteLoss):
         return (
@@ -294,10 +299,13 @@ def _failure_message(spec: RunSpec, error: Exception, step: int, n_steps: int) -
 def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
     """Train the run of ``spec``, probing on its schedule; kernel baselines at the end.
 
-    The last probe (at the cap, or where the spec's stopping rule of
+    The first probe (step 0) also records ``n_params``, the network's trainable parameter
+    count (:func:`count_trainable`), the resource against which model scaling is read. The
+    last probe (at the cap, or where the spec's stopping rule of
     :mod:`ntklens.train.stopping` is met) also records ``stopped_step``, ``stop_met`` (1 or 0;
     only with a rule) and the kernel baselines the spec asks for. With ``center_output`` the
-    network trained and probed is :class:`~ntklens.models.centering.CenteredModel`.
+    network trained and probed is :class:`~ntklens.models.centering.CenteredModel`, and
+    ``n_params`` counts its trainable network only, not the frozen initial copy.
     ``on_probe(step, values)`` is called after each probe with that probe's quantities.
     User errors raise before training; a failure during training returns a result with
     ``status="failed"``, a one-line ``error``, ``failed_step`` and the records so far.
@@ -328,6 +336,8 @@ def run(spec: RunSpec, *, on_probe: OnProbe | None = None) -> RunResult:
         for step, final, stop_met in _events(setup, schedule, stopping):
             values, spectrum = prober.measure(model, step)
             spectra.append(spectrum)
+            if step == 0:
+                values["n_params"] = float(count_trainable(model))
             if step == 0 and infinite_kernel is not None:
                 infinite_values, infinite_spectrum = infinite_probe(
                     infinite_kernel,
