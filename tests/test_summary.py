@@ -260,3 +260,12 @@ def test_bad_arguments_fail_before_any_work(study) -> None:
         summarize(runs, records, llm_widths=(0,))
     with pytest.raises(NtkLensError, match="n_bootstrap"):
         summarize(runs, records, n_bootstrap=3)
+
+
+def test_runs_of_different_studies_share_a_family(study) -> None:
+    """A data sweep and a width sweep of one recipe, planned by two studies, are one family."""
+    runs, records = study
+    runs = runs.assign(study=np.where(runs["width"] == max(WIDTHS), "data-sweep", "width-sweep"))
+    result = summarize(runs, records, n_bootstrap=50, seed=0)
+    assert set(result["families"]) == {"mlp/ntk", "mlp/mup"}
+    assert "mlp/ntk" in result["exponent_comparison"]

@@ -74,6 +74,7 @@ NON_SPEC_COLUMNS = (  # bookkeeping and where a run ran: never split a family
     "ntklens_version",
     "data_path",
     "device",
+    "study",  # the study that planned a run: a data sweep and a width sweep share a family
 )
 TRANSITION_SIGNALS = ("kernel_change", "entropy_change", "trace_change")
 MIN_DISTINCT = 3
