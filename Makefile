@@ -3,7 +3,7 @@
 PYTHON ?= python3
 OUT ?= results/quick
 
-.PHONY: install demo test test-fast test-slow lint bench docs
+.PHONY: install demo test test-fast test-slow check-install lint bench docs
 
 install: .installed
 
@@ -23,6 +23,9 @@ test-fast: .installed
 
 test-slow: .installed
 	$(PYTHON) -m pytest -m slow -q
+
+check-install:  # the wheel without extras in a fresh venv, as a user installs it
+	PYTHON=$(PYTHON) bash scripts/check_clean_install.sh
 
 lint: .installed
 	ruff check .

@@ -138,13 +138,63 @@ BAD_CONFIGS = {
     ),
     "bad_device": (("steps = 30", 'steps = 30\ndevice = "gpu"'), "train.device", "'cuda'"),
     "bad_toml": (("[sweep]", "[sweep"), "invalid TOML", "fix the syntax"),
+    "lr_inf": (("lr = 0.2", "lr = inf"), "train.lr", "finite number"),
+    "lr_nan": (("lr = 0.2", "lr = nan"), "train.lr", "finite number"),
+    "lrs_with_nan": (
+        [("lr = 0.2\n", ""), ("seeds = [0, 1]", "seeds = [0]\nlrs = [0.1, nan]")],
+        "sweep.lrs[1]",
+        "finite number",
+    ),
+    "lrs_with_inf": (
+        [("lr = 0.2\n", ""), ("seeds = [0, 1]", "seeds = [0]\nlrs = [inf]")],
+        "sweep.lrs[0]",
+        "finite number",
+    ),
+    "lrs_negative": (
+        [("lr = 0.2\n", ""), ("seeds = [0, 1]", "seeds = [0]\nlrs = [0.1, -0.5]")],
+        "sweep.lrs",
+        "> 0",
+    ),
+    "ridge_inf": (("steps = 30", "steps = 30\nridge = inf"), "train.ridge", "finite number"),
+    "negative_seed": (("seeds = [0, 1]", "seeds = [0, -1]"), "sweep.seeds", ">= 0"),
+    "negative_probe_seed": (("n = 20", "n = 20\nseed = -3"), "probe.seed", "larger"),
+    "negative_subset_seed": (
+        ("n_test = 200", "n_test = 200\nsubset_seed = -1"),
+        "data.subset_seed",
+        "larger",
+    ),
+    "probe_larger_than_train_split": (
+        ("n = 20", 'n = 1500\nsplit = "train"'),
+        "probe.n",
+        "at most 1497",
+    ),
+    "teacher_probe_larger_than_its_split": (
+        [('"digits"', '"teacher"'), ("n = 20", 'n = 150\nsplit = "train"')],
+        "probe.n",
+        "at most 100",
+    ),
+    "width_too_large_for_memory": (
+        ("widths = [16, 64]", "widths = [16, 1000000]"),
+        "sweep.widths",
+        "use smaller widths",
+    ),
+    "unavailable_device": (
+        ("steps = 30", 'steps = 30\ndevice = "cuda:9"'),
+        "train.device",
+        "not available",
+    ),
 }
+# Cases refused by the plan checks (memory, device), which need torch, not by load_config.
+PLAN_CHECKED = {"width_too_large_for_memory", "unavailable_device"}
 
 
 def bad_config(tmp_path: Path, case: str) -> tuple[Path, str, str]:
-    (old, new), key, fix = BAD_CONFIGS[case]
-    assert old in GOOD, case
-    return write(tmp_path, GOOD.replace(old, new, 1)), key, fix
+    edits, key, fix = BAD_CONFIGS[case]
+    text = GOOD
+    for old, new in edits if isinstance(edits, list) else [edits]:
+        assert old in text, case
+        text = text.replace(old, new, 1)
+    return write(tmp_path, text), key, fix
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
@@ -159,7 +209,12 @@ def test_bad_config_is_one_line_and_exit_code_2(tmp_path: Path, case: str) -> No
     assert key in lines[0] and fix in lines[0], lines[0]
     assert "Traceback" not in result.stderr
     with pytest.raises(ConfigError):
-        load_config(path)
+        if case in PLAN_CHECKED:
+            from ntklens.sweep.planning import check_runs, plan
+
+            check_runs(plan(load_config(path)))
+        else:
+            load_config(path)
 
 
 def test_cnn_on_vector_data_is_rejected(tmp_path: Path) -> None:
@@ -195,6 +250,28 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and key in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_the_memory_check_estimates_shapes_without_building_the_model(tmp_path: Path) -> None:
+    from ntklens.sweep.planning import estimate_memory, model_shape, plan
+
+    path, _, _ = bad_config(tmp_path, "width_too_large_for_memory")
+    wide = max(plan(load_config(path)), key=lambda spec: spec.width)
+    shape = model_shape(wide.model, wide.width, wide.depth, (1, 8, 8), 10)
+    # depth 3 MLP on 8×8 inputs: 64·w + w + 2·(w² + w) + 10·w + 10 parameters
+    w = wide.width
+    assert shape.params == 64 * w + w + 2 * (w * w + w) + 10 * w + 10
+    width_driven, _ = estimate_memory(wide)
+    assert width_driven > 4 * shape.params  # at least the float32 weights themselves
+
+
+def test_sweep_refuses_an_unavailable_device_before_any_run(tmp_path: Path) -> None:
+    path, key, _ = bad_config(tmp_path, "unavailable_device")
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["sweep", str(path), "--store", str(store)])
+    assert result.exit_code == 2 and key in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
 
 
 def test_mnist_subset_variants_validate_and_plan_28x28_digits() -> None:

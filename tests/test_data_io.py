@@ -387,7 +387,7 @@ def test_load_with_download_fills_cache(
         load_dataset("mnist")
     ds = load_dataset("mnist", download=True)
     np.testing.assert_array_equal(ds.y_train.numpy(), arrays["train-labels-idx1-ubyte"])
-    cached = sorted(p.name for p in files_under(isolated["cache"]))
+    cached = sorted(p.name for p in files_under(isolated["cache"] / "ntklens"))
     assert cached == sorted(f"{name}.gz" for name in arrays)
     served = len(server.requests)
     assert len(load_dataset("mnist", download=True).y_train) == 10
@@ -421,7 +421,7 @@ def test_download_cifar_archive_extracts_batches(
     monkeypatch.setenv("NTKLENS_MIRROR", url(server, "/mirror"))
     ds = load_dataset("cifar10", download=True)
     np.testing.assert_array_equal(ds.y_test.numpy(), batches["test_batch"][1])
-    cached = sorted(p.name for p in files_under(isolated["cache"]))
+    cached = sorted(p.name for p in files_under(isolated["cache"] / "ntklens"))
     assert cached == sorted(registry.CIFAR_FILES)  # archive removed after extraction
 
 

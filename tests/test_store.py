@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -253,3 +254,120 @@ def test_sigkill_mid_write_leaves_only_whole_runs(tmp_path: Path) -> None:
     assert set(records["run_id"]) == set(statuses)
     assert (records["n"] == 400).all()
     assert list(store.staging_dir.iterdir()) == []
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def overwrite_same_size(path: Path) -> None:
+    path.write_bytes(bytes(len(path.read_bytes())))
+
+
+DAMAGE = {
+    "truncated records": ("records.parquet", truncate, "bytes"),
+    "overwritten spectra": ("spectra.parquet", overwrite_same_size, "checksum"),
+    "deleted records": ("records.parquet", Path.unlink, "missing"),
+    "deleted run.json": ("run.json", Path.unlink, "missing"),
+    "garbled manifest": ("manifest.json", overwrite_same_size, "manifest"),
+}
+
+
+def written(store: ntklens.store.Store, *widths: int) -> list[RunResult]:
+    results = [make_result(width) for width in widths]
+    with store.writer():
+        for result in results:
+            store.write(result)
+    return results
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_run_is_left_out_with_a_warning_naming_it(
+    store: ntklens.store.Store, damage: str
+) -> None:
+    name, spoil, problem = DAMAGE[damage]
+    whole, broken = written(store, 8, 16)
+    spoil(store.runs_dir / broken.run_id / name)
+    path = str(store.runs_dir / broken.run_id)
+    with pytest.warns(ntklens.store.StoreWarning, match=path) as caught:
+        runs = store.runs()
+    assert problem in str(caught[0].message)
+    assert list(runs["run_id"]) == [whole.run_id]
+    assert set(store.records()["run_id"]) == {whole.run_id}
+    assert set(store.spectra()["run_id"]) == {whole.run_id}
+    assert store.statuses() == {whole.run_id: "ok"}
+    assert list(store.damaged()) == [path]
+
+
+def test_set_aside_moves_damaged_runs_and_a_rewrite_restores_them(
+    store: ntklens.store.Store,
+) -> None:
+    results = written(store, 4, 8, 16)
+    truncate(store.runs_dir / results[0].run_id / "records.parquet")
+    overwrite_same_size(store.runs_dir / results[1].run_id / "spectra.parquet")
+    with store.writer():
+        with pytest.warns(ntklens.store.StoreWarning, match="moved it to") as caught:
+            moved = store.set_aside_damaged()
+        assert sorted(run_id for run_id, _, _ in moved) == sorted(r.run_id for r in results[:2])
+        for (run_id, aside, _), warning in zip(moved, caught, strict=True):
+            assert aside.parent == store.path / "damaged" and aside.name.startswith(run_id)
+            assert (aside / "records.parquet").exists() and str(aside) in str(warning.message)
+        assert store.statuses() == {results[2].run_id: "ok"}
+        for result in results[:2]:
+            store.write(result)
+    assert store.damaged() == {}
+    assert len(store.records()) == sum(len(r.records) for r in results)
+
+
+def test_old_runs_without_a_manifest_are_read_if_their_files_parse(
+    store: ntklens.store.Store,
+) -> None:
+    readable, unreadable = written(store, 8, 16)
+    for result in (readable, unreadable):
+        (store.runs_dir / result.run_id / "manifest.json").unlink()
+    truncate(store.runs_dir / unreadable.run_id / "spectra.parquet")
+    with pytest.warns(ntklens.store.StoreWarning) as caught:
+        assert list(store.runs()["run_id"]) == [readable.run_id]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no manifest" in messages and "not readable Parquet" in messages
+    with store.writer(), pytest.warns(ntklens.store.StoreWarning):
+        store.set_aside_damaged()  # gives the readable one a manifest
+    manifest = json.loads((store.runs_dir / readable.run_id / "manifest.json").read_text())
+    records = store.runs_dir / readable.run_id / "records.parquet"
+    assert manifest["files"]["records.parquet"]["size"] == records.stat().st_size
+    truncate(records)
+    with pytest.warns(ntklens.store.StoreWarning, match="records.parquet has"):
+        assert store.runs().empty
+
+
+def test_the_manifest_lists_sizes_and_sha256(store: ntklens.store.Store) -> None:
+    (result,) = written(store, 8)
+    directory = store.runs_dir / result.run_id
+    manifest = json.loads((directory / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"run.json", "records.parquet", "spectra.parquet"}
+    for name, entry in manifest.items():
+        data = (directory / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_the_study_name_is_stored_without_changing_the_run_id(
+    store: ntklens.store.Store,
+) -> None:
+    result = make_result(8)
+    spec = result.spec.model_copy(update={"study": "named-study"})
+    assert spec.run_id == result.run_id
+    with store.writer():
+        store.write(RunResult(spec=spec, run_id=spec.run_id, status="ok", records=result.records))
+    document = json.loads((store.runs_dir / result.run_id / "run.json").read_text())
+    assert document["spec"]["study"] == "named-study"
+    assert list(store.runs()["study"]) == ["named-study"]
+
+
+def test_an_unwritable_store_is_one_line_up_front(tmp_path: Path, monkeypatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ntklens.store.store.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(NtkLensError, match=r"cannot write there \(Permission denied\)"):
+        ntklens.store.open(tmp_path / "new", create=True)

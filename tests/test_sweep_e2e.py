@@ -132,7 +132,7 @@ def test_local_sweep_through_the_cli_with_two_workers(tmp_path: Path) -> None:
 def test_reads_during_a_sweep_then_sigkill_and_resume(tmp_path: Path) -> None:
     config, store = write_config(tmp_path, widths="[16, 24, 32]"), tmp_path / "store"
     planned = {spec.run_id for spec in plan(load_config(config))}
-    sweep = start_sweep(config, store, workers=1)
+    sweep = start_sweep(config, store, workers=2)
     runner = CliRunner()
     mid_sweep_reads = 0
     try:
@@ -189,6 +189,25 @@ def test_reads_during_a_sweep_then_sigkill_and_resume(tmp_path: Path) -> None:
     counts = results.query("SELECT run_id, count(*) AS n FROM records GROUP BY run_id")
     assert len(counts) == len(planned) and counts["n"].nunique() == 1
     assert len(results.spectra()) > 0
+
+    # Every record and spectrum is exactly what an uninterrupted sweep stores, whichever
+    # worker (fresh or warm, before the kill or after) ran each run.
+    whole = tmp_path / "uninterrupted"
+    uninterrupted = subprocess.run(
+        [str(CONSOLE_SCRIPT), "sweep", str(config), "--store", str(whole), "-w", "2", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    expected = ntklens.store.open(whole)
+    pd.testing.assert_frame_equal(results.records(), expected.records(), check_exact=True)
+    resumed_spectra, expected_spectra = results.spectra(), expected.spectra()
+    pd.testing.assert_frame_equal(
+        resumed_spectra.drop(columns="values"), expected_spectra.drop(columns="values")
+    )
+    for a, b in zip(resumed_spectra["values"], expected_spectra["values"], strict=True):
+        assert a.tobytes() == b.tobytes()
 
 
 @pytest.fixture(scope="module")

