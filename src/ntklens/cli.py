@@ -332,10 +332,25 @@ def ntk(
     out: Annotated[
         Path | None, typer.Option(help="Save the kernel as a .npy file (flattened if full).")
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            help="Compute nothing: list each trainable tensor with the rule that covers it "
+            "and each method's estimated time and memory."
+        ),
+    ] = False,
 ) -> None:
     """The eNTK of a saved model on a probe set of a dataset, and its observables."""
     import json
 
+    if explain:
+        _explain_saved_model(
+            model_file,
+            ProbeOptions(dataset, data_path, download, n, split.value, seed, standardize, flatten),
+            KernelOptions(output.value, method.value, memory_budget, device),
+            as_json=output_format is NtkFormat.json,
+        )
+        return
     if out is not None:
         from ntklens.store import check_writable
 
@@ -631,17 +646,13 @@ def _first_output(model: Any, x: Any) -> tuple[Any, str | None]:
         return None, (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _saved_model_kernel(
+def _saved_model_inputs(
     model_file: Path, probe: ProbeOptions, options: KernelOptions
-) -> tuple[Any, dict[str, float]]:
-    """Load the model and the probe set, checking both, then the kernel and observables."""
+) -> tuple[Any, Any, Any, int]:
+    """Load the model and the probe set and check that they fit: (model, x, labels, K)."""
     import torch
 
     from ntklens.data import load_dataset, preprocess, probe_indices
-    from ntklens.kernel import flatten
-    from ntklens.kernel import ntk as entk
-    from ntklens.observables import kernel_observables
-    from ntklens.train.probes import kernel_targets
 
     device = _torch_device(options.device)
     model = _load_model(model_file, device)
@@ -673,7 +684,43 @@ def _saved_model_kernel(
             f"{model_file}: the model has {outputs.shape[-1]} outputs but {probe.dataset} has "
             f"{data.n_classes} classes; give the dataset it was trained on"
         )
-    inputs = flat if probe.flatten else x
+    return model, flat if probe.flatten else x, labels, data.n_classes
+
+
+def _explain_saved_model(
+    model_file: Path, probe: ProbeOptions, options: KernelOptions, *, as_json: bool
+) -> None:
+    """Print what ``ntk`` would do on the saved model and probe set, without doing it."""
+    import json
+
+    from ntklens.kernel import explain
+
+    model, inputs, _, _ = _saved_model_inputs(model_file, probe, options)
+    explanation = explain(
+        model,
+        inputs,
+        output=options.output,
+        method=options.method,
+        memory_budget=options.memory_budget,
+    )
+    if as_json:
+        typer.echo(json.dumps(explanation.to_dict(), indent=2, default=str))
+    else:
+        typer.echo(str(explanation))
+
+
+def _saved_model_kernel(
+    model_file: Path, probe: ProbeOptions, options: KernelOptions
+) -> tuple[Any, dict[str, float]]:
+    """The kernel of a saved model on the probe set, and its observables."""
+    import torch
+
+    from ntklens.kernel import flatten
+    from ntklens.kernel import ntk as entk
+    from ntklens.observables import kernel_observables
+    from ntklens.train.probes import kernel_targets
+
+    model, inputs, labels, n_classes = _saved_model_inputs(model_file, probe, options)
     kernel = entk(
         model,
         inputs,
@@ -681,7 +728,7 @@ def _saved_model_kernel(
         method=options.method,
         memory_budget=options.memory_budget,
     )
-    one_hot = torch.nn.functional.one_hot(labels, data.n_classes).to(torch.float64)
+    one_hot = torch.nn.functional.one_hot(labels, n_classes).to(torch.float64)
     observables = kernel_observables(kernel.cpu(), targets=kernel_targets(one_hot, options.output))
     result = flatten(kernel) if options.output == "full" else kernel
     return result.detach().cpu(), observables
