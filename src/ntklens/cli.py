@@ -254,8 +254,9 @@ def query(
     ] = QueryFormat.table,
 ) -> None:
     """Run SQL over a store, e.g. "SELECT width, avg(value) FROM records JOIN runs USING
-    (run_id) WHERE quantity = 'test_loss' AND step = steps GROUP BY width" (the final test
-    loss: records hold every probe step)."""
+    (run_id) WHERE quantity = 'test_loss' AND step = (SELECT max(step) FROM records r WHERE
+    r.run_id = records.run_id) GROUP BY width" (the final test loss: records hold every probe
+    step, and a stopping rule may end a run before its step cap)."""
     import pandas as pd
 
     from ntklens.store import open as open_store
