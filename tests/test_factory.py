@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from ntklens.models import build_model, build_spec_model, layers, model_from_fac
 from ntklens.schema import RunSpec
 from ntklens.sweep.config import load_config
 from ntklens.sweep.planning import plan, plan_table
+from test_sweep_e2e import start_sweep, stored_runs
 
 FACTORIES = """
 import torch
@@ -267,7 +271,8 @@ def test_the_example_study_plans_the_resnet_over_widths_and_parameterizations(
 def test_the_example_sweep_runs_resumes_and_is_reported_by_factory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The example at small sizes: digits, 3 widths × standard and μP, a few steps."""
+    """The example at small sizes (digits, 3 widths × standard and μP, a few steps): killed
+    after its first stored run, resumed, then reported by its factory."""
     monkeypatch.chdir(REPO)
     text = EXAMPLE.read_text()
     for old, new in (
@@ -285,9 +290,22 @@ def test_the_example_sweep_runs_resumes_and_is_reported_by_factory(
     config.write_text(text)
     store = tmp_path / "store"
     runner = CliRunner()
-    first = runner.invoke(app, ["sweep", str(config), "--store", str(store), "-w", "2", "-q"])
-    assert first.exit_code == 0, first.output
-    assert "6 runs, 0 already stored, 6 ok, 0 failed" in first.output
+    killed = start_sweep(config, store, workers=1)  # killed once it has stored a run
+    try:
+        deadline = time.monotonic() + 300
+        while not stored_runs(store):
+            assert killed.poll() is None, killed.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    done = len(stored_runs(store))
+    assert 1 <= done < 6, "kill the sweep while it still has runs to do"
+    resumed = runner.invoke(app, ["sweep", str(config), "--store", str(store), "-w", "2", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"6 runs, {done} already stored, {6 - done} ok, 0 failed" in resumed.output
+    assert len(stored_runs(store)) == 6
     again = runner.invoke(app, ["sweep", str(config), "--store", str(store), "-q"])
     assert "6 runs, 6 already stored" in again.output
     report = runner.invoke(app, ["report", str(store), "--format", "json"])
