@@ -141,7 +141,19 @@ def _canonical_options(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class RunSpec(BaseModel):
+class StoppingRule(BaseModel):
+    """When training stops before its cap (steps/epochs): the train loss below
+    ``stop_train_loss``, or a plateau (relative fall <= ``stop_plateau_tolerance`` over
+    ``stop_plateau_steps``), checked on the whole training subset every ``stop_check_every``
+    steps. One declaration for a run (RunSpec) and a config's training table."""
+
+    stop_train_loss: float | None = Field(default=None, gt=0)
+    stop_plateau_steps: int | None = Field(default=None, gt=0)
+    stop_plateau_tolerance: float = Field(default=1e-3, ge=0)
+    stop_check_every: int = Field(default=10, gt=0)
+
+
+class RunSpec(StoppingRule):
     """One run: data subset, model, optimizer and probe schedule."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -181,13 +193,7 @@ class RunSpec(BaseModel):
     steps: int | None = Field(default=500, gt=0)
     epochs: int | None = Field(default=None, gt=0)
     schedule: Literal["constant", "cosine"] = "constant"
-    # stopping rule (steps/epochs is the cap): the train loss below stop_train_loss, or a
-    # plateau (relative fall <= stop_plateau_tolerance over stop_plateau_steps), checked on
-    # the whole training subset every stop_check_every steps
-    stop_train_loss: float | None = Field(default=None, gt=0)
-    stop_plateau_steps: int | None = Field(default=None, gt=0)
-    stop_plateau_tolerance: float = Field(default=1e-3, ge=0)
-    stop_check_every: int = Field(default=10, gt=0)
+    # the stopping rule's fields come from StoppingRule
 
     # probes and baselines
     probe_points_per_decade: int = Field(default=4, ge=0)

@@ -25,6 +25,7 @@ from ntklens.schema import (
     ModelFamily,
     OptimizerName,
     Parameterization,
+    StoppingRule,
     is_reference,
 )
 
@@ -154,8 +155,9 @@ class ModelSection(_Section):
         return _reference(value)
 
 
-class TrainSection(_Section):
-    """Optimizer, loss, length of training and the width-dependent learning-rate rule."""
+class TrainSection(_Section, StoppingRule):
+    """Optimizer, loss, length of training (and its stopping rule) and the width-dependent
+    learning-rate rule."""
 
     optimizer: OptimizerName = "sgd"
     lr: float = Field(default=0.1, gt=0)
@@ -167,10 +169,6 @@ class TrainSection(_Section):
     steps: int | None = Field(default=None, gt=0)
     epochs: int | None = Field(default=None, gt=0)
     schedule: Literal["constant", "cosine"] = "constant"
-    stop_train_loss: float | None = Field(default=None, gt=0)
-    stop_plateau_steps: int | None = Field(default=None, gt=0)
-    stop_plateau_tolerance: float = Field(default=1e-3, ge=0)
-    stop_check_every: int = Field(default=10, gt=0)
     ridge: float = Field(default=1e-6, ge=0)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from types import TracebackType
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from ntklens.errors import ConfigError, NtkLensError
@@ -115,7 +115,7 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-class Executor:
+class Executor(AbstractContextManager["Executor"]):
     """Runs specs and yields results as they finish; use it as a context manager."""
 
     #: how many runs can be in flight at once (known once entered)
@@ -123,16 +123,11 @@ class Executor:
     #: whether runs read files from this machine's disks (then the driver checks the data)
     local_files: bool = True
 
-    def __enter__(self) -> Executor:
-        return self
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close(interrupted=exc_type is not None)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
+    def close(self, *, interrupted: bool = False) -> None:
+        """Release what entering took; ``interrupted`` (leaving on an error) drops queued runs."""
 
     def results(self, specs: Sequence[RunSpec]) -> Iterator[RunResult]:
         """Yield one result per spec, in the order the runs finish."""
@@ -199,15 +194,10 @@ class LocalExecutor(Executor):
         self._pool = self._new_pool()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
         if self._pool is not None:
             # On an error (Ctrl-C) drop queued runs instead of finishing them.
-            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+            self._pool.shutdown(wait=not interrupted, cancel_futures=True)
             self._pool = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -325,12 +315,7 @@ class RayExecutor(Executor):
         self.slots = max(1, cpus // self.threads)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
         if self._started_ray:
             self._ray.shutdown()
             self._started_ray = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from types import TracebackType
+from contextlib import AbstractContextManager
 
 from rich.console import Console
 from rich.progress import (
@@ -32,7 +32,7 @@ def describe_run(spec: RunSpec) -> str:
     )
 
 
-class SweepProgress:
+class SweepProgress(AbstractContextManager["SweepProgress"]):
     """Counts finished runs; subclasses decide how to show them."""
 
     def __init__(self, console: Console | None = None) -> None:
@@ -66,15 +66,7 @@ class SweepProgress:
             return None
         return (time.perf_counter() - self._started) / self.done * (self.total - self.done)
 
-    def __enter__(self) -> SweepProgress:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.end()
 
 
