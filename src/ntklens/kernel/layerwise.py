@@ -757,7 +757,7 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     t1, k, _, c, _ = g1.shape
     t2 = len(g2)
     full = block.dim() == 4
-    if f1.shared and f2.shared and torch.equal(g1[0], g2[0]):
+    if _shared_is_cheaper(f1, full) and f2.shared and torch.equal(g1[0], g2[0]):
         _add_shared_gram_product(block, f1, f2)
         return
     s = _input_gram(f1, f2)
@@ -776,6 +776,20 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     else:
         gg = torch.einsum("iagcl,jagcm->giljm", g1, g2)
         block.add_(torch.einsum("giljm,giljm->ij", s, gg))
+
+
+def _shared_is_cheaper(f: GramFeatures, full: bool) -> bool:
+    """Whether the shared-cotangent contraction costs fewer FLOPs per pair than the general
+    one: Gr·D·L (·K² for a full kernel) against Gr·L²·(D + K·C) (K²·C for a full kernel).
+    With one position and a full kernel the general one is cheaper (D + K²C < K²D)."""
+    if not f.shared or f.inputs is None:
+        return False
+    _, k, groups, c, positions = f.cotangents.shape
+    d = f.inputs.shape[2]
+    outputs = k * k if full else k
+    shared = groups * d * positions * (k * k if full else 1)
+    general = groups * positions * positions * (d + outputs * c)
+    return shared < general
 
 
 def _add_shared_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None:
