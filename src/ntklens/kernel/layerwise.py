@@ -594,6 +594,11 @@ def _describe(g: _Group, uses: list[Use]) -> str:
 # --- features ------------------------------------------------------------------------
 
 
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    """``t * scale``, without the copy where the scale is one."""
+    return t if scale == 1.0 else t * scale
+
+
 def _split(t: Tensor, axis: int, layout: Layout, n: int) -> Tensor:
     """``t`` with its sample axis first, as (n, fold, other dims...)."""
     return t.movedim(axis, 0).unflatten(0, (n, layout.fold))
@@ -607,7 +612,7 @@ def _gram_parts(use: Use, layout: Layout | None, grad: Tensor, t: int) -> tuple[
         if use.out_perm is not None:
             grad = grad.permute(0, *(p + 1 for p in use.out_perm))
         g = _split(grad, 1 + layout.axis, layout, t).movedim(2, 1)
-        g = g.reshape(t, k, -1, g.shape[-1]).transpose(2, 3).unsqueeze(2) * use.scale
+        g = _scaled(g.reshape(t, k, -1, g.shape[-1]).transpose(2, 3).unsqueeze(2), use.scale)
         data = use.data
         assert data is not None
         if use.rule == "embedding":
@@ -630,13 +635,13 @@ def _gram_parts(use: Use, layout: Layout | None, grad: Tensor, t: int) -> tuple[
         inputs = patches.permute(0, 2, 3, 1, 4).reshape(t, groups, patches.shape[3], -1)
         g = grad.reshape(k, t, fold, groups, grad.shape[2] // groups, -1)
         g = g.permute(1, 0, 3, 4, 2, 5).reshape(t, k, groups, g.shape[4], -1)
-        return inputs, g * use.scale
+        return inputs, _scaled(g, use.scale)
     inputs = x.reshape(t, fold, groups, x.shape[1] // groups, -1)
     inputs = inputs.permute(0, 2, 3, 1, 4).reshape(t, groups, x.shape[1] // groups, -1)
     patches = _transpose_patches(grad.flatten(0, 1), x.shape[2:], conv)
     patches = patches.reshape(k, t, fold, groups, patches.shape[1] // groups, -1)
     g = patches.permute(1, 0, 3, 4, 2, 5).reshape(t, k, groups, patches.shape[4], -1)
-    return inputs, g * use.scale
+    return inputs, _scaled(g, use.scale)
 
 
 def _use_grads(use: Use, layout: Layout | None, grad: Tensor, t: int) -> Tensor:
@@ -661,7 +666,7 @@ def _elementwise_grads(use: Use, layout: Layout | None, grad: Tensor, t: int) ->
     dims = [2 + i for i, size in enumerate(rest) if size == 1]
     if dims:
         summed = summed.sum(dim=dims)
-    return summed.reshape(t, k, -1) * use.scale
+    return _scaled(summed.reshape(t, k, -1), use.scale)
 
 
 def _weight_grads(cotangents: Tensor, inputs: Tensor) -> Tensor:
