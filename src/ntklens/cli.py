@@ -563,6 +563,10 @@ class KernelOptions:
     memory_budget: str
     device: str
 
+    def arguments(self) -> dict[str, str]:
+        """The keyword arguments that ``ntk`` and ``explain`` share."""
+        return {"output": self.output, "method": self.method, "memory_budget": self.memory_budget}
+
 
 @dataclasses.dataclass(frozen=True)
 class ProbeOptions:
@@ -697,13 +701,7 @@ def _explain_saved_model(
     from ntklens.kernel import explain
 
     model, inputs, _, _ = _saved_model_inputs(model_file, probe, options)
-    explanation = explain(
-        model,
-        inputs,
-        output=options.output,
-        method=options.method,
-        memory_budget=options.memory_budget,
-    )
+    explanation = explain(model, inputs, **options.arguments())
     if as_json:
         typer.echo(json.dumps(explanation.to_dict(), indent=2, default=str))
     else:
@@ -722,13 +720,7 @@ def _saved_model_kernel(
     from ntklens.train.probes import kernel_targets
 
     model, inputs, labels, n_classes = _saved_model_inputs(model_file, probe, options)
-    kernel = entk(
-        model,
-        inputs,
-        output=options.output,
-        method=options.method,
-        memory_budget=options.memory_budget,
-    )
+    kernel = entk(model, inputs, **options.arguments())
     one_hot = torch.nn.functional.one_hot(labels, n_classes).to(torch.float64)
     observables = kernel_observables(kernel.cpu(), targets=kernel_targets(one_hot, options.output))
     result = flatten(kernel) if options.output == "full" else kernel
