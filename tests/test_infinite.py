@@ -290,3 +290,19 @@ def test_relu_ntk_of_identical_inputs_is_exact(depth: int) -> None:
     cross = analytic_ntk(x[:10], x[5:], **options)  # rows 5..9 appear in both sets
     torch.testing.assert_close(cross[5:10, :5].diagonal(), theta[5:10], rtol=1e-13, atol=0)
     torch.testing.assert_close(cross, kernel[:10, 5:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", [analytic_ntk, analytic_nngp])
+def test_row_blocks_give_the_kernel_of_one_block(which, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closed form is computed in row blocks (memory: ~10 temporaries of a block, not of
+    the kernel); blocks of 3 rows, a last partial block and a cross kernel give the kernel
+    of a single block, and the exact diagonal of identical inputs survives the blocking."""
+    x = _inputs(11, 9, seed=8)
+    x[9] = x[2]
+    options = {"depth": 2, "weight_std": 1.4, "bias_std": 0.2}
+    whole, cross = which(x, **options), which(x[:4], x, **options)
+    monkeypatch.setattr("ntklens.infinite.BLOCK_ENTRIES", 3 * len(x))
+    blocked = which(x, **options)
+    torch.testing.assert_close(blocked, whole, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(which(x[:4], x, **options), cross, rtol=1e-13, atol=1e-15)
+    assert blocked[2, 9] == blocked[2, 2] == blocked[9, 9]

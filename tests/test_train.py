@@ -652,3 +652,12 @@ def test_new_fields_at_their_default_keep_the_run_id() -> None:
         )
     }
     assert len(changed) == 3 and spec.run_id not in changed
+
+
+def test_ridge_solve_leaves_its_kernel_unchanged() -> None:
+    """The solve factors a copy in place; the caller's kernel is not that copy."""
+    a = np.random.default_rng(3).standard_normal((6, 6))
+    kernel = a @ a.T
+    before = kernel.copy()
+    ridge_solve(kernel, np.ones((6, 2)), 0.1)
+    np.testing.assert_array_equal(kernel, before)

@@ -67,24 +67,27 @@ def _batch(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
-def _input_covariance(
+def _squared_norms(
     a: torch.Tensor, b: torch.Tensor, same: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``a bᵀ`` and the squared norms of the rows of ``a`` and ``b``, consistent to the bit.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared row norms of ``a`` and ``b``, one per distinct input, and each row's index
+    among the distinct inputs (identical rows share it).
 
     Near cos = 1 the ReLU recursion takes arccos, whose slope is infinite there: a covariance
     one rounding away from the variance of the same input becomes an angle of ~1e-8 and the
     NTK loses ~1e-8. So each distinct input gets one squared norm, and the covariance of two
-    identical inputs (the diagonal, for one input set) is that same number.
+    identical inputs (the diagonal, for one input set) is set to that same number.
     """
-    cov = a @ b.T
     rows, inverse = torch.unique(a if same else torch.cat([a, b]), dim=0, return_inverse=True)
     squared = (rows * rows).sum(1)
     in_a = inverse[: len(a)]
     in_b = in_a if same else inverse[len(a) :]
-    var1, var2 = squared[in_a], squared[in_b]
-    identical = in_a[:, None] == in_b[None, :]
-    return torch.where(identical, var1[:, None], cov), var1, var2
+    return squared[in_a], squared[in_b], in_a, in_b
+
+
+#: Row blocks of the closed form hold at most this many entries: the recursion keeps about
+#: ten temporaries of a block's size, so a 16,000² kernel peaks near its own 2 GB, not 20 GB.
+BLOCK_ENTRIES = 2**22
 
 
 def _kernels(
@@ -95,8 +98,10 @@ def _kernels(
     activation: str,
     weight_std: float,
     bias_std: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output-layer NNGP and NTK, both float64 (N1, N2)."""
+    which: str,
+) -> torch.Tensor:
+    """The output layer's NNGP (``which="nngp"``) or NTK (``"ntk"``), float64 (N1, N2),
+    computed in blocks of rows."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise NtkLensError(f"depth must be a positive integer, got {depth!r}; pass depth >= 1")
     if activation not in EXPECTATIONS:
@@ -115,16 +120,29 @@ def _kernels(
         )
     expectations = EXPECTATIONS[activation]
     w2, b2, d = weight_std**2, bias_std**2, a.shape[1]
-    cov, var1, var2 = _input_covariance(a, b, x2 is None)
-    cov, var1, var2 = w2 * cov / d + b2, w2 * var1 / d + b2, w2 * var2 / d + b2
-    ntk = cov
+    squared1, squared2, in_a, in_b = _squared_norms(a, b, x2 is None)
+    # the variances per layer do not depend on the block: one list for each side
+    variances1, variances2 = [w2 * squared1 / d + b2], [w2 * squared2 / d + b2]
     for _ in range(depth):
-        value, derivative = expectations(cov, var1[:, None], var2[None, :])
-        cov = w2 * value + b2
-        ntk = cov + ntk * w2 * derivative
-        var1 = w2 * expectations(var1, var1, var1)[0] + b2
-        var2 = w2 * expectations(var2, var2, var2)[0] + b2
-    return cov, ntk
+        for v in (variances1, variances2):
+            v.append(w2 * expectations(v[-1], v[-1], v[-1])[0] + b2)
+    out = torch.empty(len(a), len(b), dtype=torch.float64)
+    step = max(1, BLOCK_ENTRIES // max(len(b), 1))
+    for start in range(0, len(a), step):
+        rows = slice(start, start + step)
+        identical = in_a[rows, None] == in_b[None, :]
+        cov = torch.where(identical, squared1[rows, None], a[rows] @ b.T)
+        cov = w2 * cov / d + b2
+        ntk = cov
+        for layer in range(depth):
+            value, derivative = expectations(
+                cov, variances1[layer][rows, None], variances2[layer][None, :]
+            )
+            cov = w2 * value + b2
+            if which == "ntk":
+                ntk = cov + ntk * w2 * derivative
+        out[rows] = ntk if which == "ntk" else cov
+    return out
 
 
 def analytic_nngp(
@@ -141,8 +159,14 @@ def analytic_nngp(
     Inputs are flattened per example; ``x2=None`` means ``x2 = x1``.
     """
     return _kernels(
-        x1, x2, depth=depth, activation=activation, weight_std=weight_std, bias_std=bias_std
-    )[0]
+        x1,
+        x2,
+        depth=depth,
+        activation=activation,
+        weight_std=weight_std,
+        bias_std=bias_std,
+        which="nngp",
+    )
 
 
 def analytic_ntk(
@@ -160,8 +184,14 @@ def analytic_ntk(
     Inputs are flattened per example; ``x2=None`` means ``x2 = x1``.
     """
     return _kernels(
-        x1, x2, depth=depth, activation=activation, weight_std=weight_std, bias_std=bias_std
-    )[1]
+        x1,
+        x2,
+        depth=depth,
+        activation=activation,
+        weight_std=weight_std,
+        bias_std=bias_std,
+        which="ntk",
+    )
 
 
 def infinite_kernel_for(
