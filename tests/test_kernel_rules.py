@@ -257,6 +257,20 @@ class Overlapping(nn.Module):
         return torch.tanh(x @ self.w) @ self.w.T[:, :3]
 
 
+class Expanded(nn.Module):
+    """A row expanded into a weight (each entry used 3 times in one use) and a weight used
+    whole and sliced: the scattered and the gathered per-sample gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row = nn.Parameter(torch.randn(1, 4))
+        self.w = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ self.w)
+        return h @ self.row.expand(3, 4).T + torch.tanh(h) @ self.w[:3].T
+
+
 class _CustomLinear(torch.autograd.Function):
     """Old style (no setup_context): torch.func cannot transform it."""
 
@@ -310,6 +324,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], Tensor], s
     "norms": (Norms, lambda n, s: _randn(n, s, 2, 7), set()),
     "views": (Views, lambda n, s: _randn(n, s, 4), set()),
     "overlapping": (Overlapping, lambda n, s: _randn(n, s, 4), set()),
+    "expanded": (Expanded, lambda n, s: _randn(n, s, 4), set()),
     "custom-function": (CustomFunction, lambda n, s: _randn(n, s, 4), {"w"}),
 }
 

@@ -346,19 +346,7 @@ class LayerwisePlan:
                 sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
             ]
         if group.kind == "scatter":
-            # entries first, so that every scattered row is one contiguous copy
-            k = self.n_outputs
-            grads = torch.zeros(
-                self.params[group.key].numel(),
-                t * k,
-                dtype=uses[0].output.dtype,
-                device=uses[0].output.device,
-            )
-            for u, lay in parts:
-                g = _use_grads(u, lay, cotangents[id(u.output)], t)
-                flat = u.idx.reshape(-1).to(grads.device)
-                grads.index_add_(0, flat, g.reshape(t * k, -1).T)
-            return [grads.T.view(t, k, -1)]
+            return [self._scattered_grads(group, parts, cotangents, t)]
         feats = [_gram_parts(u, lay, cotangents[id(u.output)], t) for u, lay in parts]
         cot = torch.cat([f[1] for f in feats], dim=-1) if len(feats) > 1 else feats[0][1]
         if group.kind == "embedding":
@@ -378,6 +366,42 @@ class LayerwisePlan:
             ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
             inputs = torch.cat([inputs, ones], dim=2)
         return [_weight_grads(cot, inputs)]
+
+    def _scattered_grads(
+        self,
+        group: _Group,
+        parts: list[tuple[Use, Layout | None]],
+        cotangents: dict[int, Tensor],
+        t: int,
+    ) -> Tensor:
+        """Per-sample gradients (T, K, P) of a parameter whose uses see it through
+        overlapping views (a tied embedding and head, ``.T`` and a slice), summed in the
+        parameter's own layout.
+
+        Row-major (T·K, P), so that every contraction reads it without a copy. A use that
+        sees each entry at most once is gathered row by row (``index_select`` over P); only
+        a use that repeats entries is scattered (``index_add_`` entries first, one transpose).
+        """
+        k = self.n_outputs
+        like = parts[0][0].output
+        n_entries = self.params[group.key].numel()
+        rows = torch.zeros(t * k, n_entries, dtype=like.dtype, device=like.device)
+        repeated: Tensor | None = None
+        for u, lay in parts:
+            g = _use_grads(u, lay, cotangents[id(u.output)], t).reshape(t * k, -1)
+            flat = u.idx.reshape(-1).to(rows.device)
+            counts = torch.bincount(flat, minlength=n_entries)
+            if int(counts.max()) <= 1:  # injective: gather, a zero column where unseen
+                source = torch.full((n_entries,), len(flat), dtype=torch.long, device=rows.device)
+                source[flat] = torch.arange(len(flat), device=rows.device)
+                rows += F.pad(g, (0, 1)).index_select(1, source)
+            else:
+                if repeated is None:
+                    repeated = torch.zeros(n_entries, t * k, dtype=like.dtype, device=like.device)
+                repeated.index_add_(0, flat, g.T)
+        if repeated is not None:
+            rows += repeated.T
+        return rows.view(t, k, n_entries)
 
     def _weight_norm_features(self, wn: WeightNorm, inputs: Tensor, cot: Tensor) -> list[Feature]:
         """Θ = Σ_r c_r² ⟨gW_r, gW'_r⟩ + (1 - c_r²)(u_r·gW_r)(u_r·gW'_r), W_r = g_r u_r,
