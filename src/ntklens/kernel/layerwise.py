@@ -414,7 +414,9 @@ class LayerwisePlan:
         scaled = cot * c[None, None, None, :, None]
         au = torch.einsum("tdl,cd->tcl", inputs[:, 0], u)
         h = torch.einsum("tkcl,tcl->tkc", cot[:, :, 0], au)
-        return [GramFeatures(inputs, None, scaled, bias=0.0), WeightedGrads(h, 1 - c * c)]
+        shared = bool(torch.equal(scaled, scaled[:1].expand_as(scaled)))
+        gram = GramFeatures(inputs, None, scaled, bias=0.0, shared=shared)
+        return [gram, WeightedGrads(h, 1 - c * c)]
 
     def contract(self, f1: list[Feature], f2: list[Feature]) -> Tensor:
         """The kernel block between two tiles: the sum of every group's contribution."""
