@@ -207,6 +207,34 @@ def weight_norm_mlp() -> nn.Module:
     return nn.Sequential(wn(nn.Linear(5, 6)), nn.Tanh(), wn(nn.Linear(6, 3)))
 
 
+class _Symmetric(nn.Module):
+    """A user's own parametrization: W = A + Aᵀ."""
+
+    def forward(self, a: Tensor) -> Tensor:
+        return a + a.T
+
+
+def parametrized_mlp() -> nn.Module:
+    """spectral_norm (eval: fixed power-iteration vectors), orthogonal (matrix_exp) with
+    its bias, a user's own parametrization, and two chained on one weight."""
+    p = nn.utils.parametrizations
+    torch.manual_seed(0)
+    first = p.spectral_norm(nn.Linear(5, 6))
+    second = p.orthogonal(nn.Linear(6, 6))
+    third = nn.Linear(6, 6, bias=False)
+    nn.utils.parametrize.register_parametrization(third, "weight", _Symmetric())
+    last = p.spectral_norm(nn.Linear(6, 3))
+    nn.utils.parametrize.register_parametrization(last, "weight", _Symmetric2())
+    return nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), third, nn.Tanh(), last).eval()
+
+
+class _Symmetric2(nn.Module):
+    """A second parametrization chained after spectral_norm on a non-square weight."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * torch.sigmoid(w)
+
+
 class Norms(nn.Module):
     """GroupNorm, RMSNorm, a per-channel scale and an additive parameter."""
 
@@ -321,6 +349,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], Tensor], s
     "attention": (Attention, lambda n, s: _randn(n, s, 3, 4), set()),
     "conv-transpose": (Transposed, lambda n, s: _randn(n, s, 2, 3, 3), set()),
     "weight-norm": (weight_norm_mlp, lambda n, s: _randn(n, s, 5), set()),
+    "parametrized": (parametrized_mlp, lambda n, s: _randn(n, s, 5), set()),
     "norms": (Norms, lambda n, s: _randn(n, s, 2, 7), set()),
     "views": (Views, lambda n, s: _randn(n, s, 4), set()),
     "overlapping": (Overlapping, lambda n, s: _randn(n, s, 4), set()),

@@ -50,6 +50,7 @@ from ntklens.kernel.jacobian import (
     jacobian_cost,
     per_sample_jacobians,
 )
+from ntklens.kernel.parametrized import Materialized, find_materialized, materialized, pull_back
 from ntklens.kernel.rules import GRAM_RULES, Layout, Recorder, Use, WeightNorm, find_layout
 from ntklens.kernel.tiling import Cost, Footprint, TiledKernel
 
@@ -145,6 +146,8 @@ class LayerwisePlan:
     #: a parameter is used with autograd off (a custom autograd.Function): no forward AD
     opaque: bool = False
     aranges: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    #: parametrized tensors whose uses are recorded on the materialized weight, by key
+    materialized: dict[str, Materialized] = field(repr=False, default_factory=dict)
 
     @classmethod
     def probe(
@@ -166,13 +169,15 @@ class LayerwisePlan:
         pool = x[:3] if x2 is None or len(x) >= 3 else torch.cat([x[:3], x2[: 3 - len(x)]])
         samples = pool[[0 % len(pool), 1 % len(pool), 2 % len(pool)]]
         aranges: dict[str, Tensor] = {}
-        rec_a, rec_b = Recorder(params, aranges), Recorder(params, aranges)
-        probe_a = probe_model(model, samples[[0, 1]], also=rec_a)
-        outputs: list[Tensor] = []
-        probe_b = probe_model(model, samples[[1, 0, 2]], rec_b, _PROBE_B, outputs)
+        entries = find_materialized(model, params)
+        with materialized(entries) as weights:
+            rec_a, rec_b = Recorder(params | weights, aranges), Recorder(params | weights, aranges)
+            probe_a = probe_model(model, samples[[0, 1]], also=rec_a)
+            outputs: list[Tensor] = []
+            probe_b = probe_model(model, samples[[1, 0, 2]], rec_b, _PROBE_B, outputs)
         probe = per_sample(probe_a, probe_b, _PROBE_A, _PROBE_B)
         _detach_shared_chains(rec_a.uses, rec_b.uses, outputs[0])
-        plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full)
+        plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full, entries)
         plan.aranges = aranges
         return plan, probe
 
@@ -185,6 +190,7 @@ class LayerwisePlan:
         probe: ModelProbe,
         n_pairs: float,
         full: bool,
+        entries: dict[str, Materialized],
     ) -> LayerwisePlan:
         k = probe.n_outputs
         why = dict(rec_b.other_uses) | dict(rec_a.other_uses)
@@ -216,6 +222,9 @@ class LayerwisePlan:
         groups: list[_Group] = []
         rules: dict[str, str] = {}
         for key, indices in by_key.items():
+            if key in entries:  # per-sample gradients in W's layout, then W's vjp
+                groups.append(_scatter_group(key, indices, uses, layouts))
+                continue
             derived = rec_a.derived.get(key)
             arange = rec_a._aranges.get(key)
             made = _key_groups(key, indices, uses, layouts, k, n_pairs, full, derived, arange)
@@ -226,8 +235,10 @@ class LayerwisePlan:
         _fold_biases(groups, uses, params)
         for g in groups:
             names = [g.weight_norm.v, g.weight_norm.g] if g.weight_norm else [g.key]
+            if g.key in entries:
+                names = list(entries[g.key].originals)
             for name in names:
-                rule = _describe(g, uses)
+                rule = _describe(g, uses, entries.get(g.key))
                 rules[name] = rule if name not in rules else f"{rules[name]} + {rule}"
             if g.bias is not None:
                 into = "Gram" if g.mode == "gram" else "per-sample gradients"
@@ -237,10 +248,16 @@ class LayerwisePlan:
             for name in (derived.v, derived.g):
                 if name in fallback:
                     why.setdefault(name, why.get(key, "weight norm not structured"))
+        for entry in entries.values():
+            for name in entry.originals:
+                if name in fallback and entry.key in why:
+                    why.setdefault(name, f"its parametrized {entry.key}: {why[entry.key]}")
         for name in fallback:
             rules[name] = "fallback: " + why.get(name, "no use seen by the recorder")
         opaque = rec_a.opaque or rec_b.opaque
-        return cls(groups, fallback, k, full, params, signatures, layouts, rules, opaque)
+        plan = cls(groups, fallback, k, full, params, signatures, layouts, rules, opaque)
+        plan.materialized = {key: e for key, e in entries.items() if key in by_key}
+        return plan
 
     def cost(self, probe: ModelProbe) -> Cost:
         """Work and memory: capture passes, Gram or gradient features, fallback Jacobians."""
@@ -298,6 +315,9 @@ class LayerwisePlan:
             t = len(x)
             for group in self.groups:
                 made = self._group_features(group, uses, cotangents, t)
+                entry = self.materialized.get(group.key)
+                if entry is not None:
+                    made = pull_back(entry, made[0])
                 for f in made:
                     (gradients if isinstance(f, Tensor) else grams).append(f)
         if self.fallback:
@@ -306,9 +326,10 @@ class LayerwisePlan:
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
-        recorder = Recorder(self.params, self.aranges)
-        with torch.enable_grad(), recorder:
-            out = model_output(model, x).reshape(len(x), -1)
+        with materialized(self.materialized) as weights:
+            recorder = Recorder(self.params | weights, self.aranges)
+            with torch.enable_grad(), recorder:
+                out = model_output(model, x).reshape(len(x), -1)
         uses = recorder.uses
         if [u.signature for u in uses] != self.signatures or any(
             layout is not None and u.source.shape[layout.axis] != len(x) * layout.fold
@@ -384,7 +405,8 @@ class LayerwisePlan:
         """
         k = self.n_outputs
         like = parts[0][0].output
-        n_entries = self.params[group.key].numel()
+        entry = self.materialized.get(group.key)
+        n_entries = math.prod(entry.shape) if entry else self.params[group.key].numel()
         rows = torch.zeros(t * k, n_entries, dtype=like.dtype, device=like.device)
         repeated: Tensor | None = None
         for u, lay in parts:
@@ -492,22 +514,7 @@ def _key_groups(
     if not (len(classes) == 1 and _plain_view(uses[classes[0][0]].idx, arange)) and _overlap(
         [uses[cls[0]].idx for cls in classes]
     ):
-        entries = torch.cat([uses[cls[0]].idx.reshape(-1) for cls in classes])
-        n = int(entries.max()) + 1
-        dims = [_dims(uses[i], layouts[i]) for i in indices]
-        return [
-            _Group(
-                key,
-                tuple(indices),
-                "scatter",
-                "grads",
-                1,
-                sum(d[1] for d in dims),
-                max(d[2] for d in dims),
-                max(d[3] for d in dims),
-                n,
-            )
-        ]
+        return [_scatter_group(key, indices, uses, layouts)]
     groups = []
     for cls in classes:
         family = _family(uses[cls[0]])
@@ -529,6 +536,22 @@ def _key_groups(
                 group = _cheaper_mode(group, k, n_pairs, full)
         groups.append(group)
     return groups
+
+
+def _scatter_group(
+    key: str, indices: list[int], uses: list[Use], layouts: list[Layout | None]
+) -> _Group:
+    """One group of per-sample gradients summed over all of a tensor's uses, in the
+    tensor's own layout (overlapping views, or a parametrized tensor)."""
+    entries = torch.cat([uses[i].idx.reshape(-1) for i in indices])
+    n = int(entries.max()) + 1
+    dims = [_dims(uses[i], layouts[i]) for i in indices]
+    positions, in_dim, out_dim = (
+        sum(d[1] for d in dims),
+        max(d[2] for d in dims),
+        max(d[3] for d in dims),
+    )
+    return _Group(key, tuple(indices), "scatter", "grads", 1, positions, in_dim, out_dim, n)
 
 
 def _plain_view(idx: Tensor, arange: Tensor | None) -> bool:
@@ -606,10 +629,12 @@ def _fold_biases(groups: list[_Group], uses: list[Use], params: dict[str, Tensor
         groups.remove(bias_group)
 
 
-def _describe(g: _Group, uses: list[Use]) -> str:
+def _describe(g: _Group, uses: list[Use], entry: Materialized | None = None) -> str:
     rules = sorted({f"{uses[i].rule} [{uses[i].via}]" for i in g.uses})
     n = len(g.uses)
     what = ", ".join(rules) + (f" ×{n}" if n > 1 else "")
+    if entry is not None:
+        return f"{what} of {entry.key} = {entry.via}(…) (per-sample gradients, then its vjp)"
     if g.weight_norm is not None:
         return f"weight_norm of {what} (gram)"
     if g.kind == "scatter":
