@@ -29,6 +29,7 @@ from ntklens.models import build_model, build_spec_model, count_flops, count_par
 from ntklens.models.factory import check_output_shape
 from ntklens.schema import RunSpec, is_reference
 from ntklens.sweep.config import DATASET_FACTS, StudyConfig
+from ntklens.train.baselines import KERNEL_WORK_BYTES
 from ntklens.train.probes import probe_steps
 from ntklens.train.run import total_steps
 
@@ -359,7 +360,7 @@ def estimate_memory(spec: RunSpec) -> tuple[float, float]:
     in the run's dtype, plus the float64 copy of the kernel baseline; the Linear layers'
     activations on the train and test sets. Data-driven: the dataset in float32 (raw and
     standardized), the float64 kernels of the baseline on train × (train + test) and its
-    factor, and the probe kernel.
+    factor with the kernel's working memory, and the probe kernel.
     """
     in_shape, k, n_test = data_shape(spec)
     shape = spec_cost(spec)
@@ -379,7 +380,9 @@ def estimate_memory(spec: RunSpec) -> tuple[float, float]:
     width_driven = shape.params * (states * itemsize + 2 * 8) + activations
     rows = spec.n_probe * (k if spec.kernel_output == "full" else 1)
     baselines = spec.kernel0_baseline or spec.infinite_baseline
-    kernels = 8 * (2 * n * n + n * n_test) if baselines else 0
+    # the kernel's cached layer-wise features: about (1 + K) activations per sample
+    features = min(KERNEL_WORK_BYTES, 8 * n * (k + 1) * max(shape.fan_out, 1))
+    kernels = 8 * (2 * n * n + n * n_test) + features if baselines else 0
     data_driven = 2 * n_examples * features * 4 + kernels + 3 * 8 * rows**2
     return float(width_driven), float(data_driven)
 
