@@ -381,8 +381,8 @@ def estimate_memory(spec: RunSpec) -> tuple[float, float]:
     rows = spec.n_probe * (k if spec.kernel_output == "full" else 1)
     baselines = spec.kernel0_baseline or spec.infinite_baseline
     # the kernel's cached layer-wise features: about (1 + K) activations per sample
-    features = min(KERNEL_WORK_BYTES, 8 * n * (k + 1) * max(shape.fan_out, 1))
-    kernels = 8 * (2 * n * n + n * n_test) + features if baselines else 0
+    cached = min(KERNEL_WORK_BYTES, 8 * n * (k + 1) * max(shape.fan_out, 1))
+    kernels = 8 * (2 * n * n + n * n_test) + cached if baselines else 0
     data_driven = 2 * n_examples * features * 4 + kernels + 3 * 8 * rows**2
     return float(width_driven), float(data_driven)
 
