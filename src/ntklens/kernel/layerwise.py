@@ -148,6 +148,9 @@ class LayerwisePlan:
     aranges: dict[str, Tensor] = field(repr=False, default_factory=dict)
     #: parametrized tensors whose uses are recorded on the materialized weight, by key
     materialized: dict[str, Materialized] = field(repr=False, default_factory=dict)
+    #: per scattered use (by index): where each entry comes from, or None if it repeats
+    #: entries; batch-independent, so computed once, not per tile
+    gathers: dict[int, Tensor | None] = field(repr=False, default_factory=dict)
 
     @classmethod
     def probe(
@@ -409,13 +412,13 @@ class LayerwisePlan:
         n_entries = math.prod(entry.shape) if entry else self.params[group.key].numel()
         rows = torch.zeros(t * k, n_entries, dtype=like.dtype, device=like.device)
         repeated: Tensor | None = None
-        for u, lay in parts:
+        for i, (u, lay) in zip(group.uses, parts, strict=True):
             g = _use_grads(u, lay, cotangents[id(u.output)], t).reshape(t * k, -1)
             flat = u.idx.reshape(-1).to(rows.device)
-            counts = torch.bincount(flat, minlength=n_entries)
-            if int(counts.max()) <= 1:  # injective: gather, a zero column where unseen
-                source = torch.full((n_entries,), len(flat), dtype=torch.long, device=rows.device)
-                source[flat] = torch.arange(len(flat), device=rows.device)
+            if i not in self.gathers:
+                self.gathers[i] = _gather_index(flat, n_entries)
+            source = self.gathers[i]
+            if source is not None:
                 rows += F.pad(g, (0, 1)).index_select(1, source)
             else:
                 if repeated is None:
@@ -552,6 +555,17 @@ def _scatter_group(
         max(d[3] for d in dims),
     )
     return _Group(key, tuple(indices), "scatter", "grads", 1, positions, in_dim, out_dim, n)
+
+
+def _gather_index(flat: Tensor, n_entries: int) -> Tensor | None:
+    """For a use that sees each of ``n_entries`` at most once (its flat index map ``flat``),
+    the column of its gradients that holds each entry, ``len(flat)`` (a zero column) where
+    it does not see it; None where it sees some entry twice."""
+    if int(torch.bincount(flat, minlength=n_entries).max()) > 1:
+        return None
+    source = torch.full((n_entries,), len(flat), dtype=torch.long, device=flat.device)
+    source[flat] = torch.arange(len(flat), device=flat.device)
+    return source
 
 
 def _plain_view(idx: Tensor, arange: Tensor | None) -> bool:
