@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import ntklens
 from ntklens.errors import NtkLensError
-from ntklens.kernel import api
+from ntklens.kernel import api, tiling
 from ntklens.kernel.functional import eval_mode
 from ntklens.kernel.layerwise import LayerwisePlan
 from ntklens.kernel.products import ntk_matvec
@@ -228,6 +228,18 @@ def test_tile_plan_keeps_features_unless_that_shrinks_tiles_too_far() -> None:
     costly_features = Footprint(feature=5_000, work=1_000, pair=0)
     # keeping allows 30-sample tiles, recomputing 457: far more than twice as large
     assert plan_tiles(1000, None, costly_features, 0, 5_030_000) == TilePlan(457, cache=False)
+
+
+def test_cached_features_are_computed_in_cache_sized_chunks() -> None:
+    """Cheap features, costly work: chunks of _CACHE_FRIENDLY_WORK; otherwise none."""
+    work = tiling._CACHE_FRIENDLY_WORK / 40
+    cheap = Footprint(feature=work / 100, work=work, pair=0)
+    assert plan_tiles(1000, None, cheap, 0, 10**12) == TilePlan(1000, cache=True, chunk=40)
+    # a tile that already fits the cache is featurized whole
+    assert plan_tiles(30, None, cheap, 0, 10**12) == TilePlan(30, cache=True)
+    # features that are a large share of the work: joining them would cost more
+    dear = Footprint(feature=work / 2, work=work, pair=0)
+    assert plan_tiles(1000, None, dear, 0, 10**12) == TilePlan(1000, cache=True)
 
 
 def test_matvec_matches_explicit_kernel(case: dict) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import ntklens
 from ntklens.errors import NtkLensError
+from ntklens.kernel import tiling
 from ntklens.kernel.functional import eval_mode
 from ntklens.kernel.layerwise import LayerwisePlan
 from ntklens.kernel.products import ntk_matvec
@@ -393,6 +394,19 @@ def test_matches_explicit_jacobian(case: dict, method: str, output: str, symmetr
         with pytest.raises(NtkLensError, match="forward-mode AD"):
             ntklens.ntk(case["model"], case["x1"], x2, output=output, method=method)
         return
+    kernel = ntklens.ntk(case["model"], case["x1"], x2, output=output, method=method)
+    assert_close(kernel, case["refs"][(output, symmetric)])
+
+
+@pytest.mark.parametrize("method", ["layerwise", "jacobian"])
+@pytest.mark.parametrize("output", ["full", "trace"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["x2=None", "x2"])
+def test_features_computed_in_chunks_give_the_same_kernel(
+    case: dict, method: str, output: str, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 2 (x1: 2 + 2, x2: 2 + 1) joined per tile, as large kernels are built."""
+    monkeypatch.setattr(tiling, "_cache_friendly_chunk", lambda footprint, tile: 2)
+    x2 = None if symmetric else case["x2"]
     kernel = ntklens.ntk(case["model"], case["x1"], x2, output=output, method=method)
     assert_close(kernel, case["refs"][(output, symmetric)])
 

@@ -109,6 +109,22 @@ class GramFeatures:
             self.shared,
         )
 
+    @staticmethod
+    def join(parts: list[GramFeatures]) -> GramFeatures:
+        """The features of consecutive chunks of samples as one."""
+
+        def cat(tensors: list[Tensor | None]) -> Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        first = parts[0]
+        return GramFeatures(
+            cat([p.inputs for p in parts]),
+            cat([p.tokens for p in parts]),
+            torch.cat([p.cotangents for p in parts]),
+            first.bias,
+            first.shared,
+        )
+
 
 @dataclass
 class WeightedGrads:
@@ -122,6 +138,11 @@ class WeightedGrads:
 
     def __getitem__(self, rows: slice) -> WeightedGrads:
         return WeightedGrads(self.h[rows], self.w)
+
+    @staticmethod
+    def join(parts: list[WeightedGrads]) -> WeightedGrads:
+        """The vectors of consecutive chunks of samples as one."""
+        return WeightedGrads(torch.cat([p.h for p in parts]), parts[0].w)
 
 
 Feature = Tensor | GramFeatures | WeightedGrads
