@@ -16,6 +16,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -208,6 +209,42 @@ def test_reads_during_a_sweep_then_sigkill_and_resume(tmp_path: Path) -> None:
     )
     for a, b in zip(resumed_spectra["values"], expected_spectra["values"], strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_sweep_leaves_no_worker_running(tmp_path: Path, stop: signal.Signals) -> None:
+    """The signal goes to the sweep's process alone, while its workers are in runs that
+    would take minutes: on SIGTERM the sweep stops them, says how to resume and exits 130;
+    killed outright, its workers notice within seconds and exit."""
+    config = tmp_path / "long.toml"
+    config.write_text(TINY.format(widths="[16, 32]").replace("steps = 20", "steps = 200000"))
+    sweep = start_sweep(config, tmp_path / "store", workers=2)
+    parent = psutil.Process(sweep.pid)
+    deadline = time.monotonic() + 120
+    while len(parent.children(recursive=True)) < 2:  # the two workers (and a helper or so)
+        assert sweep.poll() is None, sweep.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(3)  # let the workers start their runs
+    children = parent.children(recursive=True)
+    try:
+        os.kill(sweep.pid, stop)
+        _, stderr = sweep.communicate(timeout=60)
+        if stop == signal.SIGTERM:
+            lines = stderr.strip().splitlines()
+            assert sweep.returncode == 130, stderr
+            assert lines[-1] == (
+                "interrupted: finished runs are stored; run the same command to resume"
+            ), stderr
+            assert not any("Traceback" in line for line in lines), stderr
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        for child in children:
+            if child.is_running():
+                child.kill()
+    assert not list((tmp_path / "store" / "runs").glob("*/run.json"))  # none was finished
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import signal
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,11 +36,20 @@ def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
     typer.echo(f"warning: {_one_line(message)}", err=True)
 
 
+_SWEEPING_COMMANDS = ("sweep", "reproduce")
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 class _Commands(TyperGroup):
     """The command group: user errors become one line on stderr and exit code 2, warnings
-    one line each."""
+    one line each; SIGTERM is handled as Ctrl-C (one line, exit code 130), so that a
+    terminated sweep stops its workers and leaves its finished runs stored."""
 
     def invoke(self, ctx: typer.Context) -> Any:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -49,6 +59,17 @@ class _Commands(TyperGroup):
             except NtkLensError as error:
                 typer.echo(f"error: {_one_line(error)}", err=True)
                 raise typer.Exit(EXIT_USAGE) from None
+            except KeyboardInterrupt:
+                resumable = ctx.invoked_subcommand in _SWEEPING_COMMANDS
+                typer.echo(
+                    "interrupted: finished runs are stored; run the same command to resume"
+                    if resumable
+                    else "interrupted",
+                    err=True,
+                )
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
 
 app = typer.Typer(
@@ -135,23 +156,17 @@ def sweep(
     if executor is ExecutorKind.local or address is None:  # runs on this machine
         check_runs(plan(study), label=config.name)
     store = store or Path("results") / study.name
-    try:
-        summary = run_sweep(
-            study,
-            store,
-            executor=executor.value,
-            workers=workers,
-            address=address,
-            force=force,
-            retry_failed=retry_failed,
-            progress=make_progress(quiet=quiet),
-            download=download,
-        )
-    except KeyboardInterrupt:
-        typer.echo(
-            "interrupted: finished runs are stored; run the same command to resume", err=True
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    summary = run_sweep(
+        study,
+        store,
+        executor=executor.value,
+        workers=workers,
+        address=address,
+        force=force,
+        retry_failed=retry_failed,
+        progress=make_progress(quiet=quiet),
+        download=download,
+    )
     typer.echo(
         f"{study.name}: {summary.n_total} runs, {summary.n_skipped} already stored, "
         f"{summary.n_ok} ok, {summary.n_failed} failed; store: {store}"

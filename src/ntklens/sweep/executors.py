@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -137,10 +138,24 @@ class Executor(AbstractContextManager["Executor"]):
 _started_runs: Any = None  # in a local worker: where it announces each run it starts
 
 
+#: how often a local worker checks that the sweep that started it is still there
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once its parent is gone (killed outright, say) instead of running
+    on as an orphan; its unfinished run is not stored, so a resumed sweep redoes it."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
+
+
 def _init_worker(started_runs: Any, threads: int, modules: tuple[str, ...]) -> None:
-    """Set the thread variables before anything is imported, then import what runs use
-    (once per worker: its runs start warm) and cap the pools already loaded."""
+    """Watch the parent, set the thread variables before anything is imported, then
+    import what runs use (once per worker: its runs start warm) and cap the pools already
+    loaded."""
     global _started_runs
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     for name in THREAD_ENV_VARS:
         os.environ[name] = str(threads)
     import_modules(modules)
@@ -195,10 +210,19 @@ class LocalExecutor(Executor):
         return self
 
     def close(self, *, interrupted: bool = False) -> None:
-        if self._pool is not None:
-            # On an error (Ctrl-C) drop queued runs instead of finishing them.
-            self._pool.shutdown(wait=not interrupted, cancel_futures=True)
-            self._pool = None
+        if self._pool is None:
+            return
+        # On an error (Ctrl-C, SIGTERM) drop queued runs and stop the running ones: their
+        # results would have nowhere to go. ProcessPoolExecutor has no public way to end
+        # its workers before Python 3.14 (terminate_workers), hence _processes.
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=not interrupted, cancel_futures=True)
+        if interrupted:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join(timeout=10)
+        self._pool = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
