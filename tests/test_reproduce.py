@@ -147,6 +147,17 @@ def test_shipped_variants_parse_and_cover_the_protocol_alternatives() -> None:
         assert [s.name for s in studies] == [f"{raw['name']}--{variant.name}" for _, raw in base]
 
 
+def test_a_variant_leaves_out_the_studies_it_skips() -> None:
+    base = protocol_raw("fashion-mnist", "paper")
+    (mnist,) = variants("fashion-mnist", "paper")
+    names = [s.name for s in variant_studies(base, mnist)]
+    kept = [raw["name"] for _, raw in base if not raw["name"].endswith("-width-cnn")]
+    assert names == [f"{name}--mnist-subset" for name in kept]
+    assert len(kept) == len(base) - 1
+    with pytest.raises(ConfigError, match="skip must be a list"):
+        parse_variant({"name": "v", "axis": "loss", "skip": "*", "override": [{"set": {}}]})
+
+
 def test_variant_overrides_reach_every_run_and_only_the_matching_studies() -> None:
     base = protocol_raw("fashion-mnist", "quick")
     by_name = {v.name: v for v in variants("fashion-mnist", "quick")}

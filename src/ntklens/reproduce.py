@@ -20,6 +20,7 @@ A variant file::
     axis = "loss"                   # one of VARIANT_AXES
     description = "why this alternative is reasonable"
     requires = []                   # RunSpec fields it needs (checked at run time)
+    skip = ["*-width-cnn"]          # studies left out of this variant (optional)
     [[override]]                    # applied to every study, or to those matching `studies`
     studies = ["*-width-*"]         # fnmatch patterns of study names (optional)
     set = { train = { loss = "cross_entropy", lr = 0.5 } }
@@ -43,7 +44,7 @@ from ntklens.sweep.progress import make_progress
 
 SCALES = ("quick", "paper", "full")
 VARIANT_AXES = ("loss", "parameterization", "centering", "dataset", "architecture")
-VARIANT_KEYS = {"name", "axis", "description", "requires", "override"}
+VARIANT_KEYS = {"name", "axis", "description", "requires", "skip", "override"}
 BASE = "base"
 
 
@@ -56,6 +57,7 @@ class Variant:
     description: str
     requires: tuple[str, ...] = ()
     overrides: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()  # (patterns, mapping)
+    skip: tuple[str, ...] = ()  # patterns of the studies the variant leaves out
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ def parse_variant(raw: dict[str, Any], label: str = "variant") -> Variant:
     requires = raw.get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise ConfigError(f"{label}: requires must be a list of RunSpec field names")
+    skip = raw.get("skip", [])
+    if not isinstance(skip, list) or not all(isinstance(p, str) for p in skip):
+        raise ConfigError(f"{label}: skip must be a list of study-name patterns")
     overrides = []
     for index, entry in enumerate(raw.get("override", [])):
         patterns = entry.get("studies", ["*"])
@@ -144,14 +149,16 @@ def parse_variant(raw: dict[str, Any], label: str = "variant") -> Variant:
         overrides.append((tuple(patterns), mapping))
     if not overrides:
         raise ConfigError(f"{label}: a variant needs at least one [[override]] with a `set` table")
-    return Variant(name, axis, str(raw.get("description", "")), tuple(requires), tuple(overrides))
+    description = str(raw.get("description", ""))
+    return Variant(name, axis, description, tuple(requires), tuple(overrides), tuple(skip))
 
 
 def variant_studies(
     base: list[tuple[str, dict[str, Any]]], variant: Variant
 ) -> list[StudyConfig] | str:
-    """The base studies with the variant's overrides applied and validated, or why the variant
-    cannot run here (a RunSpec field it needs is missing, or its config does not validate)."""
+    """The base studies, less those the variant skips, with its overrides applied and
+    validated, or why the variant cannot run here (a RunSpec field it needs is missing, or
+    its config does not validate)."""
     missing = [f for f in variant.requires if f not in RunSpec.model_fields]
     if missing:
         return f"needs RunSpec field(s) {', '.join(missing)}, which this ntklens does not have yet"
@@ -159,6 +166,8 @@ def variant_studies(
     for file_name, raw in base:
         merged = _deep_copy(raw)
         study_name = str(merged.get("name", file_name))
+        if any(fnmatch.fnmatch(study_name, p) for p in variant.skip):
+            continue
         for patterns, mapping in variant.overrides:
             if any(fnmatch.fnmatch(study_name, p) for p in patterns):
                 merged = _merge(merged, mapping)
