@@ -269,3 +269,28 @@ def test_runs_of_different_studies_share_a_family(study) -> None:
     result = summarize(runs, records, n_bootstrap=50, seed=0)
     assert set(result["families"]) == {"mlp/ntk", "mlp/mup"}
     assert "mlp/ntk" in result["exponent_comparison"]
+
+
+def test_families_are_named_by_the_fields_that_vary_within_a_model() -> None:
+    """A field that differs only between models (the CNN study's missing kernel baseline)
+    splits nothing; one that varies among one model's runs (two lrs) names all of that
+    model's families, so that NTK and μP families still pair up."""
+    from ntklens.analysis.summary import _family_labels
+
+    runs = pd.DataFrame(
+        {
+            "model": ["mlp", "mlp", "mlp", "mlp", "cnn", "cnn"],
+            "parameterization": ["ntk", "ntk", "mup", "mup", "ntk", "ntk"],
+            "kernel0_baseline": [True, True, True, True, False, False],
+            "lr": [0.5, 0.1, 0.5, 0.5, 0.5, 0.5],
+            "width": [64, 64, 64, 128, 4, 8],
+        }
+    )
+    assert list(_family_labels(runs)) == [
+        "mlp/ntk;lr=0.5",
+        "mlp/ntk;lr=0.1",
+        "mlp/mup;lr=0.5",
+        "mlp/mup;lr=0.5",
+        "cnn/ntk",
+        "cnn/ntk",
+    ]

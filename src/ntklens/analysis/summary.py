@@ -19,9 +19,10 @@ rises or falls along the axis, sign or no sign.
 
 Runs are split into families by every spec field that varies other than the scaling axes
 (``n_train``, ``width``), the replicate seeds and bookkeeping (status, timings, device); a
-family is named ``model/parameterization`` plus ``;field=value`` for any other varying
-field. Within a family, data scaling varies ``n_train`` at each fixed width and width
-scaling varies ``width`` at each fixed ``n_train``; runs sharing a point are its seeds.
+family is named ``model/parameterization`` plus ``;field=value`` for any other field that
+varies among that model's runs. Within a family, data scaling varies
+``n_train`` at each fixed width and width scaling varies ``width`` at each fixed
+``n_train``; runs sharing a point are its seeds.
 Groups with fewer than 3 distinct values of their axis are skipped with a reason.
 
 Exponent comparisons set the data-scaling α at the largest width against the width-scaling
@@ -241,20 +242,25 @@ def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], name: str) -
 
 
 def _family_labels(runs: pd.DataFrame) -> pd.Series:
-    """``model/parameterization[;field=value...]`` for each run, from the varying spec fields."""
+    """``model/parameterization[;field=value...]`` for each run: the fields named are those
+    that vary among the runs of its model (a field that differs only between models, such
+    as a baseline a CNN study leaves out, splits nothing). Per model, not per
+    parameterization, so that the NTK and μP families of one model carry the same suffix
+    and pair up."""
     base = [c for c in ("model", "parameterization") if c in runs.columns]
     ignored = {*NON_SPEC_COLUMNS, *REPLICATE_COLUMNS, "n_train", "width", *base}
-    varying = [
-        c
-        for c in runs.columns
-        if c not in ignored and runs[c].astype(str).nunique(dropna=False) > 1
-    ]
+    candidates = [c for c in runs.columns if c not in ignored]
     labels = (
         runs[base].astype(str).agg("/".join, axis=1) if base else pd.Series("all", index=runs.index)
     )
-    for c in varying:
-        labels = labels + f";{c}=" + runs[c].astype(str)
-    return labels
+    named = labels.copy()
+    models = runs["model"].astype(str) if "model" in runs.columns else labels
+    for _, rows in runs.groupby(models, sort=False):
+        for c in candidates:
+            values = rows[c].astype(str)
+            if values.nunique(dropna=False) > 1:
+                named[rows.index] = named[rows.index] + f";{c}=" + values
+    return named
 
 
 def _scaling_section(
