@@ -585,8 +585,8 @@ def _zoo() -> dict[str, ZooModel]:
         "ntk-mlp-einsum": ZooModel(mlp("einsum", 256), _images),
         "gpt2-conv1d": ZooModel(seeded(lambda: Gpt2Mlp(128, 16)), _sequences(16, 128), 192),
         "tied-embedding": ZooModel(seeded(lambda: TiedLm(64, 64)), tokens),
-        "encoder-layer": ZooModel(seeded(lambda: Encoder(64)), _sequences(16, 64), 256),
-        "conv-transpose": ZooModel(seeded(lambda: Deconv(8), twin=False), _images, 256),
+        "encoder-layer": ZooModel(seeded(lambda: Encoder(64)), _sequences(16, 64), 320),
+        "conv-transpose": ZooModel(seeded(lambda: Deconv(8), twin=False), _images, 288),
         "weight-norm-mlp": ZooModel(seeded(lambda: WeightNormMlp(256)), _images),
     }
 

