@@ -234,6 +234,16 @@ def test_variant_table_lines_up_claims_by_parameterization_scope() -> None:
     assert status == {"base": "ran", "cnn": "ran", "centered": "skipped: needs nope"}
 
 
+def test_variant_table_keeps_two_models_of_one_store_apart() -> None:
+    """An MLP and a CNN study in one store: their verdicts on one claim are two rows."""
+    both = _summary_with(
+        [("max_width", "mlp/ntk", "inconclusive", None), ("max_width", "cnn/ntk", "supported", 8.0)]
+    )
+    table = variant_table({"base": both}, [], {})
+    rows = {(r["claim"], r["scope"]): r["cells"]["base"]["verdict"] for r in table["rows"]}
+    assert rows == {("max_width", "mlp/ntk"): "inconclusive", ("max_width", "cnn/ntk"): "supported"}
+
+
 TINY_STUDY = {
     "name": "tiny-width",
     "data": {"dataset": "teacher", "n_test": 64, "teacher": {"input_dim": 8}},

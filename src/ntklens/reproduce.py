@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -274,16 +275,22 @@ def variant_table(
     """One row per (claim, scope) with each variant's verdict, statistic and CI.
 
     ``scope`` is the parameterization part of a verdict's family (``ntk``, ``mup``, ``ntk vs
-    mup``), so a CNN variant lines up with the MLP base. ``variants`` lists every variant
-    with its axis and status (``ran``, ``skipped: …``, ``failed: …``).
+    mup``), so a CNN variant lines up with the MLP base; where one summary has a claim for
+    two models in the same scope (an MLP and a CNN study in one store), their scopes keep
+    the model (``mlp/ntk``, ``cnn/ntk``). ``variants`` lists every variant with its axis
+    and status (``ran``, ``skipped: …``, ``failed: …``).
     """
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     titles: dict[str, str] = {}
     for name, summary in summaries.items():
         findings = summary.get("findings", {})
         titles.update(findings.get("claims", {}))
-        for entry in findings.get("verdicts", []):
+        verdicts = findings.get("verdicts", [])
+        seen = Counter((e["claim"], _scope(e.get("family"))) for e in verdicts)
+        for entry in verdicts:
             key = (entry["claim"], _scope(entry.get("family")))
+            if seen[key] > 1:
+                key = (entry["claim"], _scope(entry.get("family"), with_model=True))
             statistic = entry.get("statistic") or {}
             row = rows.setdefault(key, {"claim": key[0], "scope": key[1], "cells": {}})
             row["cells"][name] = {
@@ -304,11 +311,13 @@ def variant_table(
     return {"variants": listing, "claims": titles, "rows": list(rows.values())}
 
 
-def _scope(family: str | None) -> str:
+def _scope(family: str | None, *, with_model: bool = False) -> str:
     if not family:
         return "—"
-    parts = [side.split(";")[0].partition("/")[2] or side for side in family.split(" vs ")]
-    return " vs ".join(parts)
+    sides = [side.split(";")[0] for side in family.split(" vs ")]
+    if not with_model:
+        sides = [side.partition("/")[2] or side for side in sides]
+    return " vs ".join(sides)
 
 
 def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
