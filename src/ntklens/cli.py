@@ -483,7 +483,7 @@ def reproduce(
     scale: Annotated[
         Scale,
         typer.Option(
-            help="quick: ~15 min on 2 CPU cores; paper: <= 2 h on 2 cores; full: GPU/Ray."
+            help="quick: ~15 min on 2 CPU cores; paper: ~2 h on 2 cores; full: GPU/Ray."
         ),
     ] = Scale.quick,
     out: Annotated[

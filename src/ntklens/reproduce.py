@@ -5,7 +5,7 @@ A protocol is a set of study configs shipped with the package (``ntklens/protoco
 parameterization and μP at one training-set size. Their grids share a point (the data
 sweep's width at the width sweeps' ``n_train``), so the runs land in one store and the
 summary fits data scaling and width scaling over the same family. ``quick`` fits a laptop
-(~15 min on 2 cores), ``paper`` locates the transition on a workstation (≤ 2 h on 2
+(~15 min on 2 cores), ``paper`` locates the transition on a workstation (~2 h on 2
 cores), ``full`` is the same shape at paper scale, for a GPU or a Ray cluster.
 
 Robustness: ``<scale>/variants/*.toml`` are the protocol's alternatives (loss,
