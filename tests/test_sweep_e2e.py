@@ -131,7 +131,10 @@ def test_local_sweep_through_the_cli_with_two_workers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_reads_during_a_sweep_then_sigkill_and_resume(tmp_path: Path) -> None:
-    config, store = write_config(tmp_path, widths="[16, 24, 32]"), tmp_path / "store"
+    # 12 runs of 200 steps: enough that the kill lands while runs remain, even on a loaded
+    # machine where one round of the reads below outlasts several tiny runs
+    config, store = write_config(tmp_path, widths="[16, 24, 32, 40, 48, 56]"), tmp_path / "store"
+    config.write_text(config.read_text().replace("steps = 20", "steps = 200"))
     planned = {spec.run_id for spec in plan(load_config(config))}
     sweep = start_sweep(config, store, workers=2)
     runner = CliRunner()
