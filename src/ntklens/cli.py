@@ -482,9 +482,7 @@ def reproduce(
     dataset: Annotated[str, typer.Argument(help="Dataset with a protocol: fashion-mnist.")],
     scale: Annotated[
         Scale,
-        typer.Option(
-            help="quick: ~15 min on 2 CPU cores; paper: ~2 h on 2 cores; full: GPU/Ray."
-        ),
+        typer.Option(help="quick: ~15 min on 2 CPU cores; paper: ~2 h on 2 cores; full: GPU/Ray."),
     ] = Scale.quick,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default: results/<dataset>-<scale>).")
