@@ -215,13 +215,14 @@ class LocalExecutor(Executor):
         # On an error (Ctrl-C, SIGTERM) drop queued runs and stop the running ones: their
         # results would have nowhere to go. ProcessPoolExecutor has no public way to end
         # its workers before Python 3.14 (terminate_workers), hence _processes.
-        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        workers = (
+            list((getattr(self._pool, "_processes", None) or {}).values()) if interrupted else []
+        )
         self._pool.shutdown(wait=not interrupted, cancel_futures=True)
-        if interrupted:
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.join(timeout=10)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(timeout=10)
         self._pool = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
