@@ -515,3 +515,58 @@ def test_shared_cotangents_take_the_cheap_contraction_exactly() -> None:
     for output, other in itertools.product(("full", "trace"), (None, x2)):
         kernel = ntklens.ntk(model, x1, other, output=output, method="layerwise")
         assert_close(kernel, reference_kernel(model, x1, other, output))
+
+
+@pytest.mark.parametrize("output", ["full", "trace"])
+def test_chunk_of_repeated_samples_is_not_taken_as_shared(
+    output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first chunk of two equal samples has equal cotangents; the joined tile does not."""
+    monkeypatch.setattr(tiling, "_cache_friendly_chunk", lambda footprint, tile: 2)
+    torch.manual_seed(0)
+    model = NtkMlp().double()
+    x = _randn(4, 3, 5)
+    x[1] = x[0]
+    assert_close(ntklens.ntk(model, x, output=output), reference_kernel(model, x, None, output))
+
+
+class SwitchedHead(nn.Module):
+    """A tanh layer read by one of two heads, chosen per sample: W1's cotangents factor as
+    gates times shared directions among samples that use the same head only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 6)
+        self.head_a, self.head_b = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x))
+        return torch.where(x[:, :1] > 5, self.head_b(h), self.head_a(h))
+
+
+def test_gated_cotangents_fall_back_where_a_tile_does_not_factor() -> None:
+    """The probe samples (the first three) all take head a, so the plan prices the hidden
+    layer as gated; the tiles holding a head-b sample must not use that structure."""
+    torch.manual_seed(0)
+    model = SwitchedHead().double()
+    x = _randn(6, 4, 4)
+    x[4:, 0] = 10.0
+    with eval_mode(model):
+        plan, _ = LayerwisePlan.probe(model, x, n_pairs=3.0, full=False)
+    assert "gated cotangents" in plan.rules["hidden.weight"], plan.rules
+    for x2 in (None, _randn(3, 5, 4)):
+        kernel = ntklens.ntk(model, x, x2, output="trace", method="layerwise")
+        assert_close(kernel, reference_kernel(model, x, x2, "trace"))
+
+
+def test_gated_factors_reproduce_the_cotangents_or_refuse() -> None:
+    from ntklens.kernel.layerwise import _gated_factors
+
+    gates = torch.rand(5, 2, 3, 4, dtype=torch.float64)
+    directions = torch.randn(6, 2, 3, 4, dtype=torch.float64)
+    gates[0, 0] = 0.0
+    gated = gates[:, None] * directions[None]
+    found = _gated_factors(gated)
+    assert found is not None
+    assert torch.allclose(found[0][:, None] * found[1][None], gated, rtol=0, atol=1e-14)
+    assert _gated_factors(torch.randn(5, 6, 2, 3, 4, dtype=torch.float64)) is None

@@ -66,6 +66,8 @@ class _Group:
     (gradients), "scatter" (overlapping uses, gradients on the parameter's entries).
     ``mode`` "gram" keeps inputs and cotangents and contracts their Grams; "grads" forms
     per-sample gradients. ``bias``: a bias folded in as a constant input 1.
+    ``cotangents``: their structure on the probe batch (:func:`_cotangent_structure`),
+    which prices the Gram contraction.
     """
 
     key: str
@@ -80,6 +82,7 @@ class _Group:
     bias: str | None = None
     bias_square: float = 0.0
     weight_norm: WeightNorm | None = None
+    cotangents: Literal["general", "shared", "gated"] = "general"
 
 
 @dataclass
@@ -89,6 +92,9 @@ class GramFeatures:
     ``bias``: c² for a bias folded in as an input c at every position (0: none).
     ``shared``: every sample's cotangents are the same (a use followed only by linear
     maps to the outputs), which the contraction exploits.
+    ``gated``: the cotangents as per-sample gates (T, Gr, C, L) times directions
+    (K, Gr, C, L) common to the samples (a use followed by an elementwise map, then
+    shared cotangents), where they factor so (:func:`_gated_factors`).
     """
 
     inputs: Tensor | None
@@ -96,6 +102,7 @@ class GramFeatures:
     cotangents: Tensor
     bias: float
     shared: bool = False
+    gated: tuple[Tensor, Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.cotangents)
@@ -107,6 +114,7 @@ class GramFeatures:
             self.cotangents[rows],
             self.bias,
             self.shared,
+            None if self.gated is None else (self.gated[0][rows], self.gated[1]),
         )
 
     @staticmethod
@@ -117,12 +125,18 @@ class GramFeatures:
             return None if tensors[0] is None else torch.cat(tensors)
 
         first = parts[0]
+        cotangents = torch.cat([p.cotangents for p in parts])
+        shared = all(p.shared and torch.equal(p.cotangents[0], first.cotangents[0]) for p in parts)
+        gated = None  # each chunk factors with its own directions: factor the whole again
+        if all(p.gated is not None for p in parts):
+            gated = _gated_factors(cotangents)
         return GramFeatures(
             cat([p.inputs for p in parts]),
             cat([p.tokens for p in parts]),
-            torch.cat([p.cotangents for p in parts]),
+            cotangents,
             first.bias,
-            first.shared,
+            shared,
+            gated,
         )
 
 
@@ -203,7 +217,37 @@ class LayerwisePlan:
         _detach_shared_chains(rec_a.uses, rec_b.uses, outputs[0])
         plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full, entries)
         plan.aranges = aranges
+        plan._price_cotangents(model, samples[[1, 0, 2]], n_pairs)
         return plan, probe
+
+    def _price_cotangents(self, model: nn.Module, x: Tensor, n_pairs: float) -> None:
+        """Find each Gram group's cotangent structure on the probe batch ``x`` and choose
+        its mode again with the contraction that structure allows. Only a guide to the
+        cost: every tile checks its own cotangents before a structured contraction."""
+        priced = [
+            i
+            for i, g in enumerate(self.groups)
+            if g.kind == "gram" and g.weight_norm is None and g.key not in self.materialized
+        ]
+        if not priced:
+            return
+        uses, cotangents = self._capture(model, x)
+        for i in priced:
+            group = self.groups[i]
+            parts = [
+                _gram_parts(uses[u], self.layouts[u], cotangents[id(uses[u].output)], len(x))[1]
+                for u in group.uses
+            ]
+            structure = _cotangent_structure(torch.cat(parts, dim=-1))
+            if structure == group.cotangents:
+                continue
+            group = replace(group, cotangents=structure)
+            self.groups[i] = group = _cheaper_mode(group, self.n_outputs, n_pairs, self.full)
+            same_key = [g for g in self.groups if g.key == group.key]
+            self.rules[group.key] = " + ".join(_describe(g, uses) for g in same_key)
+            if group.bias is not None:
+                into = "Gram" if group.mode == "gram" else "per-sample gradients"
+                self.rules[group.bias] = f"bias folded into {group.key}'s {into}"
 
     @classmethod
     def _from_recordings(
@@ -405,7 +449,10 @@ class LayerwisePlan:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
         if group.mode == "gram":
             shared = bool(torch.equal(cot, cot[:1].expand_as(cot)))
-            return [GramFeatures(inputs, None, cot, bias=group.bias_square, shared=shared)]
+            gated = None
+            if group.cotangents == "gated" and not self.full:
+                gated = _gated_factors(cot)
+            return [GramFeatures(inputs, None, cot, group.bias_square, shared, gated)]
         if group.bias is not None:  # the bias as one more input, constant c
             c = math.sqrt(group.bias_square)
             ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
@@ -674,7 +721,10 @@ def _describe(g: _Group, uses: list[Use], entry: Materialized | None = None) -> 
         return f"weight_norm of {what} (gram)"
     if g.kind == "scatter":
         return f"{what} (per-sample gradients, overlapping views)"
-    return f"{what} ({'gram' if g.mode == 'gram' else 'per-sample gradients'})"
+    if g.mode == "grads":
+        return f"{what} (per-sample gradients)"
+    structure = {"shared": ", shared cotangents", "gated": ", gated cotangents"}
+    return f"{what} (gram{structure.get(g.cotangents, '')})"
 
 
 # --- features ------------------------------------------------------------------------
@@ -854,6 +904,9 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     s = _input_gram(f1, f2)
     if f1.bias:
         s += f1.bias
+    if not full and f1.gated is not None and f2.gated is not None and s.dim() == 5:
+        _add_gated_gram_product(block, s, f1.gated, f2.gated)
+        return
     if s.dim() == 2:
         if full:
             gg = (g1.reshape(t1 * k, c) @ g2.reshape(t2 * k, c).T).view(t1, k, t2, k)
@@ -867,6 +920,50 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     else:
         gg = torch.einsum("iagcl,jagcm->giljm", g1, g2)
         block.add_(torch.einsum("giljm,giljm->ij", s, gg))
+
+
+def _add_gated_gram_product(
+    block: Tensor, s: Tensor, gated1: tuple[Tensor, Tensor], gated2: tuple[Tensor, Tensor]
+) -> None:
+    """The traced Gram product for cotangents G_iagcl = γ_igcl u_agcl: with
+    U_gclm = Σ_a u_agcl u'_agcm, Σ_a,c G_iagcl G'_jagcm = Σ_c γ_igcl U_gclm γ'_jgcm, so a
+    pair costs Gr·L²·(D + C) in place of Gr·L²·(D + K·C). One position l at a time keeps
+    the temporaries at T·Gr·C·L."""
+    (gates1, u1), (gates2, u2) = gated1, gated2
+    mixed = torch.einsum("agcl,agcm->glcm", u1, u2)
+    for position in range(gates1.shape[-1]):
+        weighted = gates2 * mixed[:, position]  # (T2, Gr, C, M)
+        rows = gates1[..., position]  # (T1, Gr, C)
+        r = torch.einsum("igc,jgcm->gijm", rows, weighted)
+        block.add_(torch.einsum("gijm,gijm->ij", s[:, :, position], r))
+
+
+def _gated_factors(cot: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Cotangents (T, K, Gr, C, L) as gates (T, Gr, C, L) times directions (K, Gr, C, L)
+    shared by the samples, or None where they do not factor so (to rounding).
+
+    Per entry (g, c, l) the direction is the largest sample's cotangent vector over K,
+    normalized; the gates are every sample's projection on it. Any factorization that
+    reproduces the cotangents gives the exact kernel, so tiles need not agree on it."""
+    norms = torch.linalg.vector_norm(cot, dim=1)  # (T, Gr, C, L)
+    top, best = norms.max(dim=0)
+    picked = cot.gather(0, best[None, None].expand(1, *cot.shape[1:]))[0]
+    directions = picked / top.clamp_min(torch.finfo(cot.dtype).tiny)
+    gates = torch.einsum("tkgcl,kgcl->tgcl", cot, directions)
+    residual = torch.addcmul(cot, gates[:, None], directions[None], value=-1.0)
+    tolerance = 1e3 * torch.finfo(cot.dtype).eps
+    if bool((residual.abs() > tolerance * top).any()):
+        return None
+    return gates, directions
+
+
+def _cotangent_structure(cot: Tensor) -> Literal["general", "shared", "gated"]:
+    """How a use's cotangents (T, K, Gr, C, L) on the probe batch are structured:
+    "shared" (the same for every sample), "gated" (see :func:`_gated_factors`) or
+    "general"."""
+    if torch.equal(cot, cot[:1].expand_as(cot)):
+        return "shared"
+    return "gated" if _gated_factors(cot) is not None else "general"
 
 
 def _shared_is_cheaper(f: GramFeatures, full: bool) -> bool:
@@ -913,8 +1010,12 @@ def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, fl
         return form, 2 * k_pair * n_entries, k * n_entries, 0.0
     squares = g.n_groups * g.positions**2
     n_products = k * k if full else 1
-    pair = 2 * squares * (g.in_dim + k_pair * g.out_dim) + squares * n_products
     feature = g.n_groups * g.positions * (g.in_dim + k * g.out_dim)
+    cotangent_dim = g.out_dim if g.cotangents == "gated" and not full else k_pair * g.out_dim
+    pair = 2 * squares * (g.in_dim + cotangent_dim) + squares * n_products
+    shared = 2 * g.n_groups * g.in_dim * g.positions * n_products  # _add_shared_gram_product
+    if g.cotangents == "shared" and g.weight_norm is None and shared < pair:
+        return shared * g.positions, shared, feature, 0.0
     if g.weight_norm is not None:
         pair += 2 * k_pair * g.out_dim
         feature += k * g.out_dim
@@ -923,10 +1024,9 @@ def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, fl
 
 def _cheaper_mode(group: _Group, k: int, n_pairs: float, full: bool) -> _Group:
     """``group`` in the mode with fewer FLOPs for ``n_pairs`` pairs per featurized sample."""
-    grads = replace(group, mode="grads")
 
     def flops(g: _Group) -> float:
         per_sample, per_pair, _, _ = _group_costs(g, k, full)
         return per_sample + n_pairs * per_pair
 
-    return min((group, grads), key=flops)
+    return min((replace(group, mode="gram"), replace(group, mode="grads")), key=flops)
