@@ -570,3 +570,10 @@ def test_gated_factors_reproduce_the_cotangents_or_refuse() -> None:
     assert found is not None
     assert torch.allclose(found[0][:, None] * found[1][None], gated, rtol=0, atol=1e-14)
     assert _gated_factors(torch.randn(5, 6, 2, 3, 4, dtype=torch.float64)) is None
+    # float32, rounded products, and enough entries that some direction is nearly
+    # orthogonal to any one random projection
+    gates, directions = torch.randn(3, 1, 512, 16), torch.randn(10, 1, 512, 16)
+    assert _gated_factors(gates[:, None] * directions[None]) is not None
+    mixed = gates[:, None] * directions[None]
+    mixed[2, :, 0, 7, 3] = torch.randn(10)  # one sample's vector leaves the span
+    assert _gated_factors(mixed) is None

@@ -92,9 +92,9 @@ class GramFeatures:
     ``bias``: c² for a bias folded in as an input c at every position (0: none).
     ``shared``: every sample's cotangents are the same (a use followed only by linear
     maps to the outputs), which the contraction exploits.
-    ``gated``: the cotangents as per-sample gates (T, Gr, C, L) times directions
+    ``gated``: try the cotangents as per-sample gates (T, Gr, C, L) times directions
     (K, Gr, C, L) common to the samples (a use followed by an elementwise map, then
-    shared cotangents), where they factor so (:func:`_gated_factors`).
+    shared cotangents); :meth:`factors` factors them once, on first use.
     """
 
     inputs: Tensor | None
@@ -102,20 +102,31 @@ class GramFeatures:
     cotangents: Tensor
     bias: float
     shared: bool = False
-    gated: tuple[Tensor, Tensor] | None = None
+    gated: bool = False
+    _factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.cotangents)
 
     def __getitem__(self, rows: slice) -> GramFeatures:
+        factors = self.factors()
         return GramFeatures(
             None if self.inputs is None else self.inputs[rows],
             None if self.tokens is None else self.tokens[rows],
             self.cotangents[rows],
             self.bias,
             self.shared,
-            None if self.gated is None else (self.gated[0][rows], self.gated[1]),
+            factors is not None,
+            None if factors is None else (factors[0][rows], factors[1]),
         )
+
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        """(gates, directions) of the gated cotangents, or None where they do not factor
+        (or are not gated): computed once, as a tile is contracted with many others."""
+        if self.gated and self._factors is None:
+            self._factors = _gated_factors(self.cotangents)
+            self.gated = self._factors is not None
+        return self._factors
 
     @staticmethod
     def join(parts: list[GramFeatures]) -> GramFeatures:
@@ -125,18 +136,14 @@ class GramFeatures:
             return None if tensors[0] is None else torch.cat(tensors)
 
         first = parts[0]
-        cotangents = torch.cat([p.cotangents for p in parts])
         shared = all(p.shared and torch.equal(p.cotangents[0], first.cotangents[0]) for p in parts)
-        gated = None  # each chunk factors with its own directions: factor the whole again
-        if all(p.gated is not None for p in parts):
-            gated = _gated_factors(cotangents)
         return GramFeatures(
             cat([p.inputs for p in parts]),
             cat([p.tokens for p in parts]),
-            cotangents,
+            torch.cat([p.cotangents for p in parts]),
             first.bias,
             shared,
-            gated,
+            all(p.gated for p in parts),
         )
 
 
@@ -449,9 +456,7 @@ class LayerwisePlan:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
         if group.mode == "gram":
             shared = bool(torch.equal(cot, cot[:1].expand_as(cot)))
-            gated = None
-            if group.cotangents == "gated" and not self.full:
-                gated = _gated_factors(cot)
+            gated = group.cotangents == "gated" and not self.full
             return [GramFeatures(inputs, None, cot, group.bias_square, shared, gated)]
         if group.bias is not None:  # the bias as one more input, constant c
             c = math.sqrt(group.bias_square)
@@ -904,9 +909,11 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     s = _input_gram(f1, f2)
     if f1.bias:
         s += f1.bias
-    if not full and f1.gated is not None and f2.gated is not None and s.dim() == 5:
-        _add_gated_gram_product(block, s, f1.gated, f2.gated)
-        return
+    if not full and s.dim() == 5 and f1.gated and f2.gated:
+        factors1, factors2 = f1.factors(), f2.factors()
+        if factors1 is not None and factors2 is not None:
+            _add_gated_gram_product(block, s, factors1, factors2)
+            return
     if s.dim() == 2:
         if full:
             gg = (g1.reshape(t1 * k, c) @ g2.reshape(t2 * k, c).T).view(t1, k, t2, k)
@@ -938,23 +945,41 @@ def _add_gated_gram_product(
         block.add_(torch.einsum("gijm,gijm->ij", s[:, :, position], r))
 
 
+#: Random unit vectors over the K outputs that :func:`_gated_factors` projects on.
+_GATE_PROBES = 4
+
+
 def _gated_factors(cot: Tensor) -> tuple[Tensor, Tensor] | None:
     """Cotangents (T, K, Gr, C, L) as gates (T, Gr, C, L) times directions (K, Gr, C, L)
     shared by the samples, or None where they do not factor so (to rounding).
 
-    Per entry (g, c, l) the direction is the largest sample's cotangent vector over K,
-    normalized; the gates are every sample's projection on it. Any factorization that
-    reproduces the cotangents gives the exact kernel, so tiles need not agree on it."""
-    norms = torch.linalg.vector_norm(cot, dim=1)  # (T, Gr, C, L)
-    top, best = norms.max(dim=0)
-    picked = cot.gather(0, best[None, None].expand(1, *cot.shape[1:]))[0]
-    directions = picked / top.clamp_min(torch.finfo(cot.dtype).tiny)
-    gates = torch.einsum("tkgcl,kgcl->tgcl", cot, directions)
-    residual = torch.addcmul(cot, gates[:, None], directions[None], value=-1.0)
-    tolerance = 1e3 * torch.finfo(cot.dtype).eps
-    if bool((residual.abs() > tolerance * top).any()):
+    One pass projects every sample's cotangent vector (over K) on a few fixed random
+    unit vectors r_j. Per entry (g, c, l) the direction is the sample's vector with the
+    largest projection on any r_j, scaled so that its projection on that r_j is 1; the
+    gates are then the samples' projections on it, and the factors must reproduce the
+    projections on every r_j, which a vector outside the direction's span fails with
+    probability one. Any factorization that reproduces the cotangents gives the exact
+    kernel, so tiles need not agree on it."""
+    t, k = cot.shape[:2]
+    rest = cot.shape[2:]
+    generator = torch.Generator().manual_seed(0)
+    probes = torch.randn(_GATE_PROBES, k, generator=generator, dtype=torch.float64)
+    probes = (probes / probes.norm(dim=1, keepdim=True)).to(cot)
+    flat = cot.reshape(t, k, -1)
+    projected = torch.matmul(probes, flat)  # (T, J, Gr·C·L)
+    largest, probe = projected.abs().max(dim=1)  # over J, then over T
+    sample = largest.argmax(dim=0)
+    probe = probe.gather(0, sample[None])  # (1, E)
+    picked = flat.gather(0, sample[None, None].expand(1, k, -1))[0]
+    gates = projected.gather(1, probe[None].expand(t, 1, -1))[:, 0]  # (T, E)
+    scale = gates.gather(0, sample[None])[0]
+    directions = picked / torch.where(scale == 0, 1.0, scale)
+    residual = projected - gates[:, None] * (probes @ directions)[None]
+    size = gates.abs() * torch.linalg.vector_norm(directions, dim=0)
+    tolerance = max(1e3, 4.0 * k) * torch.finfo(cot.dtype).eps
+    if bool((residual.abs() > tolerance * size[:, None]).any()):
         return None
-    return gates, directions
+    return gates.reshape(t, *rest), directions.reshape(k, *rest)
 
 
 def _cotangent_structure(cot: Tensor) -> Literal["general", "shared", "gated"]:
