@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntklens.errors import NtkLensError
 from ntklens.kernel.functional import (
@@ -403,7 +404,9 @@ class LayerwisePlan:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
         with materialized(self.materialized) as weights:
             recorder = Recorder(self.params | weights, self.aranges)
-            with torch.enable_grad(), recorder:
+            # math SDPA: the flash kernel's backward has no batching rule, so the batched
+            # backward below would loop over the K outputs
+            with torch.enable_grad(), recorder, sdpa_kernel(SDPBackend.MATH):
                 out = model_output(model, x).reshape(len(x), -1)
         uses = recorder.uses
         if [u.signature for u in uses] != self.signatures or any(
