@@ -569,6 +569,10 @@ def test_gated_factors_reproduce_the_cotangents_or_refuse() -> None:
     found = _gated_factors(gated)
     assert found is not None
     assert torch.allclose(found[0][:, None] * found[1][None], gated, rtol=0, atol=1e-14)
+    strided = gated.transpose(2, 4).contiguous().transpose(2, 4)  # entries (L, C, Gr) in memory
+    found = _gated_factors(strided)
+    assert found is not None
+    assert torch.allclose(found[0][:, None] * found[1][None], gated, rtol=0, atol=1e-14)
     assert _gated_factors(torch.randn(5, 6, 2, 3, 4, dtype=torch.float64)) is None
     # float32, rounded products, and enough entries that some direction is nearly
     # orthogonal to any one random projection

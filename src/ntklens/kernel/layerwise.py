@@ -486,20 +486,25 @@ class LayerwisePlan:
         like = parts[0][0].output
         entry = self.materialized.get(group.key)
         n_entries = math.prod(entry.shape) if entry else self.params[group.key].numel()
-        rows = torch.zeros(t * k, n_entries, dtype=like.dtype, device=like.device)
+        rows: Tensor | None = None
         repeated: Tensor | None = None
         for i, (u, lay) in zip(group.uses, parts, strict=True):
             g = _use_grads(u, lay, cotangents[id(u.output)], t).reshape(t * k, -1)
-            flat = u.idx.reshape(-1).to(rows.device)
+            flat = u.idx.reshape(-1).to(like.device)
             if i not in self.gathers:
                 self.gathers[i] = _gather_index(flat, n_entries)
             source = self.gathers[i]
             if source is not None:
-                rows += F.pad(g, (0, 1)).index_select(1, source)
+                if len(flat) < n_entries:  # entries this use does not see read a zero column
+                    g = F.pad(g, (0, 1))
+                gathered = g.index_select(1, source)
+                rows = gathered if rows is None else rows.add_(gathered)
             else:
                 if repeated is None:
                     repeated = torch.zeros(n_entries, t * k, dtype=like.dtype, device=like.device)
                 repeated.index_add_(0, flat, g.T)
+        if rows is None:
+            rows = torch.zeros(t * k, n_entries, dtype=like.dtype, device=like.device)
         if repeated is not None:
             rows += repeated.T
         return rows.view(t, k, n_entries)
@@ -964,12 +969,19 @@ def _gated_factors(cot: Tensor) -> tuple[Tensor, Tensor] | None:
     probability one. Any factorization that reproduces the cotangents gives the exact
     kernel, so tiles need not agree on it."""
     t, k = cot.shape[:2]
+    # entries in memory order, so that flattening them is a view, not a copy
+    order = sorted(range(2, cot.dim()), key=lambda d: -cot.stride(d))
+    cot = cot.permute(0, 1, *order)
     rest = cot.shape[2:]
     generator = torch.Generator().manual_seed(0)
     probes = torch.randn(_GATE_PROBES, k, generator=generator, dtype=torch.float64)
     probes = (probes / probes.norm(dim=1, keepdim=True)).to(cot)
     flat = cot.reshape(t, k, -1)
-    projected = torch.matmul(probes, flat)  # (T, J, Gr·C·L)
+    if flat.stride(1) > flat.stride(0):  # outputs outermost (a batch-folded use): one matmul
+        by_output = flat.transpose(0, 1).reshape(k, -1)
+        projected = (probes @ by_output).reshape(len(probes), t, -1).transpose(0, 1)
+    else:
+        projected = torch.matmul(probes, flat)  # (T, J, Gr·C·L)
     largest, probe = projected.abs().max(dim=1)  # over J, then over T
     sample = largest.argmax(dim=0)
     probe = probe.gather(0, sample[None])  # (1, E)
@@ -982,7 +994,8 @@ def _gated_factors(cot: Tensor) -> tuple[Tensor, Tensor] | None:
     tolerance = max(1e3, 4.0 * k) * torch.finfo(cot.dtype).eps
     if bool((residual.abs() > tolerance * size[:, None]).any()):
         return None
-    return gates.reshape(t, *rest), directions.reshape(k, *rest)
+    back = [0, *(1 + order.index(d) for d in range(2, 2 + len(order)))]
+    return gates.reshape(t, *rest).permute(back), directions.reshape(k, *rest).permute(back)
 
 
 def _cotangent_structure(cot: Tensor) -> Literal["general", "shared", "gated"]:
