@@ -254,8 +254,7 @@ class LayerwisePlan:
             same_key = [g for g in self.groups if g.key == group.key]
             self.rules[group.key] = " + ".join(_describe(g, uses) for g in same_key)
             if group.bias is not None:
-                into = "Gram" if group.mode == "gram" else "per-sample gradients"
-                self.rules[group.bias] = f"bias folded into {group.key}'s {into}"
+                self.rules[group.bias] = _describe_bias(group)
 
     @classmethod
     def _from_recordings(
@@ -317,8 +316,7 @@ class LayerwisePlan:
                 rule = _describe(g, uses, entries.get(g.key))
                 rules[name] = rule if name not in rules else f"{rules[name]} + {rule}"
             if g.bias is not None:
-                into = "Gram" if g.mode == "gram" else "per-sample gradients"
-                rules[g.bias] = f"bias folded into {g.key}'s {into}"
+                rules[g.bias] = _describe_bias(g)
         fallback = [name for name in params if name not in rules]
         for key, derived in rec_a.derived.items():
             for name in (derived.v, derived.g):
@@ -738,6 +736,11 @@ def _describe(g: _Group, uses: list[Use], entry: Materialized | None = None) -> 
         return f"{what} (per-sample gradients)"
     structure = {"shared": ", shared cotangents", "gated": ", gated cotangents"}
     return f"{what} (gram{structure.get(g.cotangents, '')})"
+
+
+def _describe_bias(g: _Group) -> str:
+    into = "Gram" if g.mode == "gram" else "per-sample gradients"
+    return f"bias folded into {g.key}'s {into}"
 
 
 # --- features ------------------------------------------------------------------------
