@@ -42,10 +42,11 @@ _MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 #: backward passes) usually costs more than the extra, smaller contractions.
 _MIN_CACHED_TILE = 64
 _SMALLEST_CACHED_TILE = 16
-#: A diagonal tile is split this many ways so that only its upper sub-blocks are computed,
-#: once it has at least _MIN_SPLIT_ROWS samples.
+#: A diagonal tile is split up to _DIAGONAL_SPLIT ways, into parts of at least
+#: _MIN_SPLIT_ROWS samples, so that only its upper sub-blocks are computed (two parts do 3/4
+#: of the work, four 5/8); smaller parts would lose more to matmul efficiency than they save.
 _DIAGONAL_SPLIT = 4
-_MIN_SPLIT_ROWS = 512
+_MIN_SPLIT_ROWS = 128
 #: Cached features are computed in chunks of about this much transient work
 #: (``Footprint.work`` per sample) and joined per tile: the capture's batched backward and
 #: its copies run out of cache beyond it, while the contraction is fastest on large tiles.
@@ -282,7 +283,8 @@ def _upper_sub_blocks(
 ) -> list[tuple[slice, slice, Features, Features]]:
     """The sub-blocks on and above the diagonal of a tile's kernel with itself."""
     n = tile.stop - tile.start
-    parts = _tiles(n, math.ceil(n / _DIAGONAL_SPLIT)) if n >= _MIN_SPLIT_ROWS else [slice(0, n)]
+    n_parts = max(1, min(_DIAGONAL_SPLIT, n // _MIN_SPLIT_ROWS))
+    parts = _tiles(n, math.ceil(n / n_parts))
     return [
         (_shift(p, tile.start), _shift(q, tile.start), _take(features, p), _take(features, q))
         for i, p in enumerate(parts)
