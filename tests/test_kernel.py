@@ -260,7 +260,7 @@ def test_flatten_row_index_is_i_times_k_plus_a() -> None:
 @pytest.mark.parametrize("n", [300, 520])
 def test_diagonal_tiles_split_into_sub_blocks_match(n: int) -> None:
     """Enough samples that a diagonal tile is contracted as upper sub-blocks only (two
-    uneven parts at 300 samples, four at 520)."""
+    parts at 300 samples, four at 520)."""
     torch.manual_seed(0)
     model = mlp().double()
     x = torch.randn(n, 5, dtype=torch.float64)
