@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntklens.errors import NtkLensError
+from ntklens.kernel import memory
 from ntklens.kernel.functional import (
     ModelProbe,
     model_output,
@@ -379,11 +381,13 @@ class LayerwisePlan:
         return TiledKernel(lambda x: self.features(model, x), self.contract)
 
     def features(self, model: nn.Module, x: Tensor) -> list[Feature]:
-        """Gram features per "gram" group, then (T, K, P) per-sample gradients of the
-        "grads" groups and of the fallback parameters (one tensor each, not concatenated:
-        that would copy them all once more)."""
+        """Gram features per "gram" group, then (T, K, P) per-sample gradients: those of
+        the "grads", elementwise and embedding groups written side by side into one tensor
+        (one allocation, one matmul per block), then scattered, parametrized and fallback
+        gradients, one tensor each (concatenating them would copy them once more)."""
         grams: list[Feature] = []
         gradients: list[Tensor] = []
+        pending: list[_PendingGrads] = []
         if self.groups:
             uses, cotangents = self._capture(model, x)
             t = len(x)
@@ -391,9 +395,14 @@ class LayerwisePlan:
                 made = self._group_features(group, uses, cotangents, t)
                 entry = self.materialized.get(group.key)
                 if entry is not None:
-                    made = pull_back(entry, made[0])
+                    made = pull_back(entry, _written(made[0]))
                 for f in made:
-                    (gradients if isinstance(f, Tensor) else grams).append(f)
+                    if isinstance(f, _PendingGrads):
+                        pending.append(f)
+                    else:
+                        (gradients if isinstance(f, Tensor) else grams).append(f)
+        if pending:
+            gradients.insert(0, _write_side_by_side(pending, self.full))
         if self.fallback:
             gradients.append(per_sample_jacobians(model, self.fallback, x))
         return grams + gradients
@@ -436,12 +445,12 @@ class LayerwisePlan:
 
     def _group_features(
         self, group: _Group, uses: list[Use], cotangents: dict[int, Tensor], t: int
-    ) -> list[Feature]:
+    ) -> list[Feature | _PendingGrads]:
         parts = [(uses[i], self.layouts[i]) for i in group.uses]
         if group.kind == "elementwise":
-            return [
-                sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
-            ]
+            grads = sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
+            assert isinstance(grads, Tensor)
+            return [_PendingGrads(grads.shape, grads, lambda out, g=grads: out.copy_(g))]
         if group.kind == "scatter":
             return [self._scattered_grads(group, parts, cotangents, t)]
         feats = [_gram_parts(u, lay, cotangents[id(u.output)], t) for u, lay in parts]
@@ -451,7 +460,12 @@ class LayerwisePlan:
             if group.mode == "gram":
                 return [GramFeatures(None, tokens, cot, bias=0.0)]
             vocab = group.n_entries // group.out_dim
-            return [_embedding_grads(tokens, cot, group.out_dim, vocab)]
+            shape = (t, self.n_outputs, group.out_dim * vocab)
+            return [
+                _PendingGrads(
+                    shape, cot, lambda out: _embedding_grads(tokens, cot, group.out_dim, vocab, out)
+                )
+            ]
         inputs = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
         if group.weight_norm is not None:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
@@ -463,7 +477,8 @@ class LayerwisePlan:
             c = math.sqrt(group.bias_square)
             ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
             inputs = torch.cat([inputs, ones], dim=2)
-        return [_weight_grads(cot, inputs)]
+        shape = (t, self.n_outputs, math.prod(cot.shape[2:4]) * inputs.shape[2])
+        return [_PendingGrads(shape, cot, lambda out: _weight_grads(cot, inputs, out))]
 
     def _scattered_grads(
         self,
@@ -821,21 +836,98 @@ def _elementwise_grads(use: Use, layout: Layout | None, grad: Tensor, t: int) ->
     return _scaled(summed.reshape(t, k, -1), use.scale)
 
 
-def _weight_grads(cotangents: Tensor, inputs: Tensor) -> Tensor:
-    """Per-sample weight gradients Σ_l G_{ial} ⊗ A_{il} as (T, K, Gr·C·D).
+def _weight_grads(cotangents: Tensor, inputs: Tensor, out: Tensor | None = None) -> Tensor:
+    """Per-sample weight gradients Σ_l G_{ial} ⊗ A_{il} as (T, K, Gr·C·D), into ``out``
+    (which may be a slice of a wider tensor)."""
+    t, k, gr, c, length = cotangents.shape
+    d = inputs.shape[2]
+    if out is None:
+        out = torch.empty(t, k, gr * c * d, dtype=cotangents.dtype, device=cotangents.device)
+    if gr > 1:  # grouped convolutions: one matmul per sample and group
+        out.copy_(torch.einsum("tkgcl,tgdl->tkgcd", cotangents, inputs).reshape(t, k, -1))
+        return out
+    _per_sample_matmuls(cotangents.reshape(t, k, c, length), inputs.reshape(t, d, length).mT, out)
+    return out
 
-    One matmul per sample (and group) over all K outputs at once: (K·C, L) @ (L, D).
+
+def _embedding_grads(
+    tokens: Tensor, cotangents: Tensor, dim: int, vocab: int, out: Tensor | None = None
+) -> Tensor:
+    """Per-sample embedding gradients in the (1, d, V) canonical layout: (T, K, d·V), into
+    ``out`` (which may be a slice of a wider tensor)."""
+    t, k = cotangents.shape[:2]
+    if out is None:
+        out = torch.empty(t, k, dim * vocab, dtype=cotangents.dtype, device=cotangents.device)
+    one_hot = F.one_hot(tokens, vocab).to(cotangents.dtype)  # (T, L, V)
+    _per_sample_matmuls(cotangents.reshape(t, k, dim, -1), one_hot, out)
+    return out
+
+
+def _per_sample_matmuls(left: Tensor, right: Tensor, out: Tensor) -> None:
+    """``out[t, a]`` = ``left[t, a] @ right[t]`` flattened: (T, K, C, L) @ (T, L, D) into
+    a (T, K, C·D) view.
+
+    Where ``out``'s outputs and entries are contiguous per sample (a trace kernel's
+    layout), one batched matmul over the samples, after copying the cotangents ``left``
+    sample-major (they come output-major from the batched backward, and are far smaller
+    than the gradients). Otherwise one batched matmul per output into a reused contiguous
+    tile, then copied into place: a matmul straight into a strided ``out`` loops over the
+    samples.
     """
-    t, k = cotangents.shape[:2]
-    return torch.einsum("tkgcl,tgdl->tkgcd", cotangents, inputs).reshape(t, k, -1)
+    t, k, c, length = left.shape
+    d = right.shape[-1]
+    if out.stride(1) == c * d and out.stride(2) == 1:
+        torch.bmm(left.reshape(t, k * c, length), right, out=out.view(t, k * c, d))
+        return
+    tile = out.new_empty(t, c, d)
+    for a in range(k):
+        torch.bmm(left[:, a], right, out=tile)
+        out[:, a].view(t, c, d).copy_(tile)
 
 
-def _embedding_grads(tokens: Tensor, cotangents: Tensor, dim: int, vocab: int) -> Tensor:
-    """Per-sample embedding gradients in the (1, d, V) canonical layout: (T, K, d·V)."""
-    t, k = cotangents.shape[:2]
-    g = cotangents.reshape(t, k * dim, -1)
-    one_hot = F.one_hot(tokens, vocab).to(g.dtype)  # (T, L, V): one batched matmul
-    return torch.bmm(g, one_hot).reshape(t, k, dim * vocab)
+@dataclass(frozen=True)
+class _PendingGrads:
+    """Per-sample gradients of ``shape`` (T, K, P), not yet written: ``write(out)`` fills
+    ``out``, a (T, K, P) slice of the tensor shared by a tile's gradient groups.
+    ``like``: a tensor of their dtype and device."""
+
+    shape: tuple[int, ...]
+    like: Tensor
+    write: Callable[[Tensor], object]
+
+
+def _written(pending: Feature | _PendingGrads) -> Tensor:
+    """The gradients of one group, written into a tensor of their own if still pending."""
+    if isinstance(pending, Tensor):
+        return pending
+    assert isinstance(pending, _PendingGrads)
+    out = torch.empty(pending.shape, dtype=pending.like.dtype, device=pending.like.device)
+    pending.write(out)
+    return out
+
+
+def _write_side_by_side(pending: list[_PendingGrads], full: bool) -> Tensor:
+    """The pending gradients side by side in one tensor (in huge pages where large,
+    :mod:`ntklens.kernel.memory`), so that the contraction makes one matmul per block.
+
+    Full kernel: (T, K, ΣP), every output's entries of all groups in a row. Trace kernel:
+    only the sum over (output, entry) pairs matters, so (T, 1, K·ΣP) with each group's
+    (K, P) block contiguous, which its gradients are written into with one matmul.
+    """
+    t, k = pending[0].shape[:2]
+    like = pending[0].like
+    total = sum(p.shape[2] for p in pending)
+    shape = (t, k, total) if full else (t, 1, k * total)
+    out = memory.empty(shape, like.dtype, like.device)
+    start = 0
+    for p in pending:
+        size = p.shape[2]
+        if full:
+            p.write(out[:, :, start : start + size])
+        else:
+            p.write(out[:, 0, k * start : k * (start + size)].unflatten(1, (k, size)))
+        start += size
+    return out
 
 
 def _per_dim(value: object, spatial: int) -> tuple[int, ...]:
