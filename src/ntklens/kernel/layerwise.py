@@ -828,11 +828,10 @@ def _elementwise_grads(use: Use, layout: Layout | None, grad: Tensor, t: int) ->
     k = grad.shape[0]
     prod = prod.expand(k, *use.output.shape)
     axis = layout.axis
-    summed = _split(prod, 1 + axis, layout, t).sum(dim=1)
     rest = use.pshape[:axis] + use.pshape[axis + 1 :]
-    dims = [2 + i for i, size in enumerate(rest) if size == 1]
-    if dims:
-        summed = summed.sum(dim=dims)
+    # one reduction over the folded rows and the broadcast dims (split: (T, fold, K, rest))
+    dims = [1] + [3 + i for i, size in enumerate(rest) if size == 1]
+    summed = _split(prod, 1 + axis, layout, t).sum(dim=dims)
     return _scaled(summed.reshape(t, k, -1), use.scale)
 
 
