@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntklens.errors import NtkLensError
-from ntklens.kernel import memory
 from ntklens.kernel.functional import (
     ModelProbe,
     model_output,
@@ -906,8 +905,8 @@ def _written(pending: Feature | _PendingGrads) -> Tensor:
 
 
 def _write_side_by_side(pending: list[_PendingGrads], full: bool) -> Tensor:
-    """The pending gradients side by side in one tensor (in huge pages where large,
-    :mod:`ntklens.kernel.memory`), so that the contraction makes one matmul per block.
+    """The pending gradients side by side in one tensor, so that the contraction makes one
+    matmul per block.
 
     Full kernel: (T, K, ΣP), every output's entries of all groups in a row. Trace kernel:
     only the sum over (output, entry) pairs matters, so (T, 1, K·ΣP) with each group's
@@ -917,7 +916,7 @@ def _write_side_by_side(pending: list[_PendingGrads], full: bool) -> Tensor:
     like = pending[0].like
     total = sum(p.shape[2] for p in pending)
     shape = (t, k, total) if full else (t, 1, k * total)
-    out = memory.empty(shape, like.dtype, like.device)
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
     start = 0
     for p in pending:
         size = p.shape[2]

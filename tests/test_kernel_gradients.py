@@ -1,33 +1,11 @@
-"""Large feature tensors in huge pages (:mod:`ntklens.kernel.memory`)."""
+"""Per-sample gradients written into slices of a shared tensor (kernel/layerwise.py)."""
 
 from __future__ import annotations
-
-import gc
 
 import pytest
 import torch
 
-from ntklens.kernel import memory
 from ntklens.kernel.layerwise import _per_sample_matmuls
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_tensor_is_writable_and_outlives_its_views(dtype: torch.dtype) -> None:
-    shape = (3, 5, 2**20)  # 60 or 120 MiB: above the huge-page threshold
-    t = memory.empty(shape, dtype, torch.device("cpu"))
-    assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
-    assert t.untyped_storage().nbytes() == 15 * 2**20 * dtype.itemsize
-    values = torch.arange(15 * 2**20, dtype=dtype).view(shape)
-    t.copy_(values)
-    view = t[1:, :, 7:]
-    del t
-    gc.collect()
-    assert torch.equal(view, values[1:, :, 7:])
-
-
-def test_small_tensor_comes_from_torch() -> None:
-    t = memory.empty((4, 4), torch.float32, torch.device("cpu"))
-    assert t.shape == (4, 4) and t.untyped_storage().nbytes() == 64
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "trace", "full"])
