@@ -400,7 +400,9 @@ class LayerwisePlan:
                         pending.append(f)
                     else:
                         (gradients if isinstance(f, Tensor) else grams).append(f)
-        if pending:
+        if len(pending) == 1:
+            gradients.insert(0, _written(pending[0]))
+        elif pending:
             gradients.insert(0, _write_side_by_side(pending, self.full))
         if self.fallback:
             gradients.append(per_sample_jacobians(model, self.fallback, x))
@@ -449,7 +451,7 @@ class LayerwisePlan:
         if group.kind == "elementwise":
             grads = sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
             assert isinstance(grads, Tensor)
-            return [_PendingGrads(grads.shape, grads, lambda out, g=grads: out.copy_(g))]
+            return [_PendingGrads(grads.shape, grads, lambda out, g=grads: out.copy_(g), grads)]
         if group.kind == "scatter":
             return [self._scattered_grads(group, parts, cotangents, t)]
         feats = [_gram_parts(u, lay, cotangents[id(u.output)], t) for u, lay in parts]
@@ -887,11 +889,13 @@ def _per_sample_matmuls(left: Tensor, right: Tensor, out: Tensor) -> None:
 class _PendingGrads:
     """Per-sample gradients of ``shape`` (T, K, P), not yet written: ``write(out)`` fills
     ``out``, a (T, K, P) slice of the tensor shared by a tile's gradient groups.
-    ``like``: a tensor of their dtype and device."""
+    ``like``: a tensor of their dtype and device; ``ready``: the gradients where they are
+    already computed (elementwise groups), to be used as they are when alone."""
 
     shape: tuple[int, ...]
     like: Tensor
     write: Callable[[Tensor], object]
+    ready: Tensor | None = None
 
 
 def _written(pending: Feature | _PendingGrads) -> Tensor:
@@ -899,6 +903,8 @@ def _written(pending: Feature | _PendingGrads) -> Tensor:
     if isinstance(pending, Tensor):
         return pending
     assert isinstance(pending, _PendingGrads)
+    if pending.ready is not None:
+        return pending.ready
     out = torch.empty(pending.shape, dtype=pending.like.dtype, device=pending.like.device)
     pending.write(out)
     return out
