@@ -18,11 +18,11 @@ The zoo: models written the way research code writes them (NTK-parameterized MLP
 ``@`` and with einsum, GPT-2 Conv1D with ``addmm``, embedding with a tied head, a
 TransformerEncoderLayer, ConvTranspose2d, weight_norm), each with a twin written with
 ``nn.Linear``/``F.linear`` where one exists. Per model: the share of parameters a
-structured rule covers, auto's and the torch.func recipe's median times (three runs each,
-taking turns with the twin), their ratio, auto on the twin and auto / twin, auto's GFLOP/s
-by the layerwise cost model and the deviation from the recipe; float32 trace kernels, all
-in one process, of N samples chosen per model so that the recipe takes 1-20 s on 2 idle
-cores.
+structured rule covers, auto's and the torch.func recipe's median times (taking turns with
+the twin: three runs of the recipe, of auto and the twin as many as take about 2 s, 3 to 21),
+their ratio, auto on the twin and auto / twin, auto's GFLOP/s by the layerwise cost model
+and the deviation from the recipe; float32 trace kernels, all in one process, of N samples
+chosen per model so that the recipe takes 1-20 s on 2 idle cores.
 
 Timing: sizes 8, 16, 32, … up to N/4 run first as warm-up and to extrapolate the time at N
 (fit a·n + b·n²; or, as soon as linear scaling of one size alone is over the limit, that
@@ -612,10 +612,14 @@ def run_zoo(names: list[str] | None, n: int | None, console: Console) -> None:
         share = ntklens.kernel.explain(model, x[:8], output="trace").structured_share
         auto = METHODS["auto"]
         auto(model, x[: len(x) // 4], "trace")
+        start = time.perf_counter()
+        auto(model, x, "trace")
+        # fast kernels get more rounds (about 2 s of auto), the recipe three
+        rounds = min(21, max(3, math.ceil(2.0 / (time.perf_counter() - start))))
         times: dict[str, list[float]] = {"auto": [], "twin": [], "recipe": []}
-        for _ in range(3):  # taking turns, so that a slow spell of this VM hits all three
+        for round_ in range(rounds):  # taking turns, so that a slow spell hits all three
             for what, net in (("auto", model), ("twin", twin), ("recipe", model)):
-                if net is None:
+                if net is None or (what == "recipe" and round_ >= 3):
                     continue
                 start = time.perf_counter()
                 if what == "recipe":
