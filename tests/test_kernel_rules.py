@@ -581,3 +581,26 @@ def test_gated_factors_reproduce_the_cotangents_or_refuse() -> None:
     mixed = gates[:, None] * directions[None]
     mixed[2, :, 0, 7, 3] = torch.randn(10)  # one sample's vector leaves the span
     assert _gated_factors(mixed) is None
+
+
+class _SliceThenTranspose(nn.Module):
+    """W's first rows alone, then W.T: overlapping views whose first use sees part of W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ self.w[:2].T)  # (N, 2): entries 0-9 of W
+        return torch.cat([h, torch.tanh(x @ self.w.T) @ self.w], dim=1)  # every entry, twice
+
+
+@pytest.mark.parametrize("output", ["full", "trace"])
+def test_strided_views_sum_into_the_entries_they_see(output: str) -> None:
+    """Per-sample gradients of views that each see an entry at most once are copied and
+    added through strided views of the parameter's layout, a partial first one included."""
+    torch.manual_seed(0)
+    model = _SliceThenTranspose().double()
+    x = torch.randn(5, 5, dtype=torch.float64)
+    kernel = ntklens.ntk(model, x, output=output, method="layerwise")
+    assert_close(kernel, reference_kernel(model, x, None, output))

@@ -508,7 +508,15 @@ class LayerwisePlan:
             if i not in self.gathers:
                 self.gathers[i] = _gather_index(flat, n_entries)
             source = self.gathers[i]
-            if source is not None:
+            if source is not None and _plain_view(u.idx, self.aranges.get(group.key)):
+                # a strided view of the tensor (.T, a slice): a strided copy, not a gather
+                if rows is None:
+                    fill = torch.empty if len(flat) == n_entries else torch.zeros
+                    rows = fill(t * k, n_entries, dtype=like.dtype, device=like.device)
+                    _entries_view(rows, u.idx).copy_(g.view(t * k, *u.idx.shape))
+                else:
+                    _entries_view(rows, u.idx).add_(g.view(t * k, *u.idx.shape))
+            elif source is not None:
                 if len(flat) < n_entries:  # entries this use does not see read a zero column
                     g = F.pad(g, (0, 1))
                 gathered = g.index_select(1, source)
@@ -661,6 +669,13 @@ def _gather_index(flat: Tensor, n_entries: int) -> Tensor | None:
     source = torch.full((n_entries,), len(flat), dtype=torch.long, device=flat.device)
     source[flat] = torch.arange(len(flat), device=flat.device)
     return source
+
+
+def _entries_view(rows: Tensor, idx: Tensor) -> Tensor:
+    """``rows`` (R, entries) seen through ``idx``, a strided view of the tensor's own index
+    map (see :func:`_plain_view`): element [r, i…] is entry idx[i…] of row r."""
+    strides = (rows.stride(0), *idx.stride())
+    return rows.as_strided((len(rows), *idx.shape), strides, idx.storage_offset())
 
 
 def _plain_view(idx: Tensor, arange: Tensor | None) -> bool:
