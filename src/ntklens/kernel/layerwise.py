@@ -510,12 +510,13 @@ class LayerwisePlan:
             source = self.gathers[i]
             if source is not None and _plain_view(u.idx, self.aranges.get(group.key)):
                 # a strided view of the tensor (.T, a slice): a strided copy, not a gather
+                by_entry = g.view(t * k, *u.idx.shape)
                 if rows is None:
                     fill = torch.empty if len(flat) == n_entries else torch.zeros
                     rows = fill(t * k, n_entries, dtype=like.dtype, device=like.device)
-                    _entries_view(rows, u.idx).copy_(g.view(t * k, *u.idx.shape))
+                    _entries_view(rows, u.idx).copy_(by_entry)
                 else:
-                    _entries_view(rows, u.idx).add_(g.view(t * k, *u.idx.shape))
+                    _entries_view(rows, u.idx).add_(by_entry)
             elif source is not None:
                 if len(flat) < n_entries:  # entries this use does not see read a zero column
                     g = F.pad(g, (0, 1))
