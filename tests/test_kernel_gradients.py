@@ -1,31 +1,69 @@
-"""Per-sample gradients written into slices of a shared tensor (kernel/layerwise.py)."""
+"""Per-sample gradients formed piece by piece while contracted (kernel/layerwise.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ntklens.kernel.layerwise import _per_sample_matmuls
+from ntklens.kernel import layerwise
+from ntklens.kernel.layerwise import StreamedGrads, _PendingGrads, _per_sample_matmuls
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "trace", "full"])
-def test_per_sample_matmuls_match_einsum_in_every_layout(layout: str) -> None:
-    """out[t, a] = left[t, a] @ right[t], written into a slice of a wider tensor."""
-    gen = torch.Generator().manual_seed(0)
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_per_sample_matmuls_match_einsum() -> None:
+    """out[t, a] = left[t, a] @ right[t], from output-major cotangents."""
+    gen = _gen()
     t, k, c, length, d = 5, 3, 4, 6, 7
     left = torch.randn(k, t, length, c, dtype=torch.float64, generator=gen).permute(1, 0, 3, 2)
     right = torch.randn(t, d, length, dtype=torch.float64, generator=gen).mT
     expected = torch.einsum("tacl,tld->tacd", left, right).reshape(t, k, c * d)
-    if layout == "contiguous":
-        wide = torch.zeros(t, k, c * d, dtype=torch.float64)
-        out = wide
-    elif layout == "trace":  # (T, 1, K·ΣP): this group's (K, P) block contiguous
-        wide = torch.zeros(t, 1, k * (c * d + 9), dtype=torch.float64)
-        out = wide[:, 0, 9 * k :].unflatten(1, (k, c * d))
-    else:  # (T, K, ΣP): the group's entries a slice of every output's row
-        wide = torch.zeros(t, k, c * d + 9, dtype=torch.float64)
-        out = wide[:, :, 9:]
+    out = torch.empty(t, k, c * d, dtype=torch.float64)
     _per_sample_matmuls(left, right, out)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
-    out.zero_()
-    assert not wide.any()  # nothing written outside the slice
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_range_of_channels_writes_those_channels_gradients(groups: int) -> None:
+    """Weight gradients Σ_l G ⊗ A of channels 1..3 of 5, for plain and grouped weights."""
+    gen = _gen()
+    t, k, c, length, d = 4, 3, 5, 6, 2
+    cot = torch.randn(t, k, groups, c, length, dtype=torch.float64, generator=gen)
+    inputs = torch.randn(t, groups, d, length, dtype=torch.float64, generator=gen)
+    pending = _PendingGrads(cot, inputs)
+    every = torch.einsum("tkgcl,tgdl->tkgcd", cot, inputs)
+    out = torch.empty(t, k, groups * 2 * d, dtype=torch.float64)
+    pending.write(out, slice(1, 3))
+    torch.testing.assert_close(out, every[:, :, :, 1:3].reshape(t, k, -1), rtol=1e-12, atol=0)
+
+
+def test_embedding_channels_are_rows_of_the_one_hot_product() -> None:
+    gen = _gen()
+    t, k, dim, length, vocab = 3, 2, 4, 5, 6
+    cot = torch.randn(t, k, 1, dim, length, dtype=torch.float64, generator=gen)
+    tokens = torch.randint(0, vocab, (t, length), generator=gen)
+    one_hot = F.one_hot(tokens, vocab).double()
+    every = torch.einsum("tkcl,tlv->tkcv", cot[:, :, 0], one_hot)
+    out = torch.empty(t, k, 2 * vocab, dtype=torch.float64)
+    _PendingGrads(cot, tokens, vocab=vocab).write(out, slice(2, 4))
+    torch.testing.assert_close(out, every[:, :, 2:4].reshape(t, k, -1), rtol=1e-12, atol=0)
+
+
+def test_pieces_cover_every_channel_once_within_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, k, length = 8, 3, 2
+    groups = [
+        _PendingGrads(torch.zeros(t, k, 1, c, length), torch.zeros(t, 1, d, length))
+        for c, d in ((7, 5), (1, 3), (40, 2))
+    ]
+    cap = t * k * 5 * 4 * 2  # two channels of the first group (float32)
+    monkeypatch.setattr(layerwise, "_PIECE_BYTES", cap)
+    pieces = StreamedGrads(groups).pieces(t)
+    for i, g in enumerate(groups):
+        covered = [ch for j, s in pieces if j == i for ch in range(g.channels)[s]]
+        assert covered == list(range(g.channels))
+        widest = max(len(range(g.channels)[s]) for j, s in pieces if j == i)
+        channel_bytes = t * k * g.entries_per_channel * 4
+        assert widest == max(1, min(g.channels, cap // channel_bytes))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import ntklens
 from ntklens.errors import NtkLensError
-from ntklens.kernel import tiling
+from ntklens.kernel import layerwise, tiling
 from ntklens.kernel.functional import eval_mode
 from ntklens.kernel.layerwise import LayerwisePlan
 from ntklens.kernel.products import ntk_matvec
@@ -408,6 +408,19 @@ def test_features_computed_in_chunks_give_the_same_kernel(
     monkeypatch.setattr(tiling, "_cache_friendly_chunk", lambda footprint, tile: 2)
     x2 = None if symmetric else case["x2"]
     kernel = ntklens.ntk(case["model"], case["x1"], x2, output=output, method=method)
+    assert_close(kernel, case["refs"][(output, symmetric)])
+
+
+@pytest.mark.parametrize("output", ["full", "trace"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["x2=None", "x2"])
+def test_gradients_formed_a_channel_at_a_time_on_sub_blocks_give_the_same_kernel(
+    case: dict, output: str, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streamed gradients in pieces of one channel, diagonal tiles split four ways."""
+    monkeypatch.setattr(layerwise, "_PIECE_BYTES", 1)
+    monkeypatch.setattr(tiling, "_MIN_SPLIT_ROWS", 1)
+    x2 = None if symmetric else case["x2"]
+    kernel = ntklens.ntk(case["model"], case["x1"], x2, output=output, method="layerwise")
     assert_close(kernel, case["refs"][(output, symmetric)])
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -168,9 +167,6 @@ class WeightedGrads:
         return WeightedGrads(torch.cat([p.h for p in parts]), parts[0].w)
 
 
-Feature = Tensor | GramFeatures | WeightedGrads
-
-
 @dataclass
 class LayerwisePlan:
     """How each trainable parameter's share of the kernel is computed.
@@ -195,6 +191,8 @@ class LayerwisePlan:
     #: per scattered use (by index): where each entry comes from, or None if it repeats
     #: entries; batch-independent, so computed once, not per tile
     gathers: dict[int, Tensor | None] = field(repr=False, default_factory=dict)
+    #: reused memory that streamed gradients are formed into, by side of a block
+    buffers: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     @classmethod
     def probe(
@@ -353,16 +351,21 @@ class LayerwisePlan:
         k, size = self.n_outputs, probe.element_size
         # a forward pass and K backward passes that skip weight gradients
         feature_flops = (1 + k) * probe.forward_flops if self.groups else 0.0
-        matmul_flops = pair_flops = feature = work = largest_pair = 0.0
+        matmul_flops = pair_flops = feature = work = largest_pair = largest_streamed = 0.0
         for g in self.groups:
             f_flops, p_flops, f_elems, p_elems = _group_costs(g, k, self.full)
+            captured = g.n_groups * g.positions * (g.in_dim + k * g.out_dim)
+            if self._streams(g):  # inputs and cotangents kept, gradients formed in pieces
+                f_elems = captured
+                largest_streamed = max(largest_streamed, k * _grad_entries(g) * size)
             matmul_flops += f_flops
             pair_flops += p_flops
             feature += f_elems * size
-            work += g.n_groups * g.positions * (g.in_dim + k * g.out_dim) * size
+            work += captured * size
             largest_pair = max(largest_pair, p_elems * size)
         if self.groups:
-            work += (2 + k) * probe.activation_bytes
+            # the two buffers of streamed pieces hold at most the largest group, two tiles
+            work += (2 + k) * probe.activation_bytes + 2 * largest_streamed
         jac = None
         if self.fallback:
             n_fallback = sum(self.params[name].numel() for name in self.fallback)
@@ -375,17 +378,36 @@ class LayerwisePlan:
         footprint = Footprint(feature, work, 2 * k_pair * size + largest_pair)
         return Cost(feature_flops, pair_flops, footprint, matmul_flops), jac
 
+    def _streams(self, g: _Group) -> bool:
+        """Whether ``g``'s per-sample gradients are :class:`StreamedGrads`: where they
+        are larger than the inputs and cotangents they are formed from (a sequence layer's
+        K·C·D against L·(D + K·C)); a convolution's im2col patches are often the larger,
+        and its gradients are then formed once, at capture."""
+        captured = g.n_groups * g.positions * (g.in_dim + self.n_outputs * g.out_dim)
+        return (
+            g.mode == "grads"
+            and g.kind in ("gram", "embedding")
+            and g.weight_norm is None
+            and g.key not in self.materialized
+            and self.n_outputs * _grad_entries(g) > captured
+        )
+
     def kernel(self, model: nn.Module) -> TiledKernel[list[Feature]]:
         """The tiled kernel: features per tile, contracted group by group."""
-        return TiledKernel(lambda x: self.features(model, x), self.contract)
+        return TiledKernel(
+            lambda x: self.features(model, x),
+            self.contract,
+            lambda f, blocks: self.contract_blocks(f, f, blocks),
+        )
 
     def features(self, model: nn.Module, x: Tensor) -> list[Feature]:
-        """Gram features per "gram" group, then (T, K, P) per-sample gradients: those of
-        the "grads", elementwise and embedding groups written side by side into one tensor
-        (one allocation, one matmul per block), then scattered, parametrized and fallback
-        gradients, one tensor each (concatenating them would copy them once more)."""
+        """Gram features per "gram" group; the "grads" and embedding groups' per-sample
+        gradients as :class:`StreamedGrads`, formed only while contracted; elementwise
+        groups' gradients side by side in one (T, K, ΣP) tensor; then scattered,
+        parametrized and fallback gradients, one tensor each."""
         grams: list[Feature] = []
         gradients: list[Tensor] = []
+        elementwise: list[Tensor] = []
         pending: list[_PendingGrads] = []
         if self.groups:
             uses, cotangents = self._capture(model, x)
@@ -398,15 +420,16 @@ class LayerwisePlan:
                 for f in made:
                     if isinstance(f, _PendingGrads):
                         pending.append(f)
+                    elif isinstance(f, Tensor):
+                        (elementwise if group.kind == "elementwise" else gradients).append(f)
                     else:
-                        (gradients if isinstance(f, Tensor) else grams).append(f)
-        if len(pending) == 1:
-            gradients.insert(0, _written(pending[0]))
-        elif pending:
-            gradients.insert(0, _write_side_by_side(pending, self.full))
+                        grams.append(f)
+        if elementwise:
+            gradients.insert(0, torch.cat(elementwise, dim=2))
         if self.fallback:
             gradients.append(per_sample_jacobians(model, self.fallback, x))
-        return grams + gradients
+        streamed: list[Feature] = [StreamedGrads(pending)] if pending else []
+        return grams + streamed + gradients
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
@@ -451,7 +474,7 @@ class LayerwisePlan:
         if group.kind == "elementwise":
             grads = sum(_elementwise_grads(u, lay, cotangents[id(u.output)], t) for u, lay in parts)
             assert isinstance(grads, Tensor)
-            return [_PendingGrads(grads.shape, grads, lambda out, g=grads: out.copy_(g), grads)]
+            return [grads]
         if group.kind == "scatter":
             return [self._scattered_grads(group, parts, cotangents, t)]
         feats = [_gram_parts(u, lay, cotangents[id(u.output)], t) for u, lay in parts]
@@ -460,13 +483,8 @@ class LayerwisePlan:
             tokens = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
             if group.mode == "gram":
                 return [GramFeatures(None, tokens, cot, bias=0.0)]
-            vocab = group.n_entries // group.out_dim
-            shape = (t, self.n_outputs, group.out_dim * vocab)
-            return [
-                _PendingGrads(
-                    shape, cot, lambda out: _embedding_grads(tokens, cot, group.out_dim, vocab, out)
-                )
-            ]
+            pending = _PendingGrads(cot, tokens, vocab=group.n_entries // group.out_dim)
+            return [pending if self._streams(group) else _written(pending)]
         inputs = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
         if group.weight_norm is not None:
             return self._weight_norm_features(group.weight_norm, inputs, cot)
@@ -478,8 +496,8 @@ class LayerwisePlan:
             c = math.sqrt(group.bias_square)
             ones = inputs.new_full((*inputs.shape[:2], 1, inputs.shape[3]), c)
             inputs = torch.cat([inputs, ones], dim=2)
-        shape = (t, self.n_outputs, math.prod(cot.shape[2:4]) * inputs.shape[2])
-        return [_PendingGrads(shape, cot, lambda out: _weight_grads(cot, inputs, out))]
+        pending = _PendingGrads(cot, inputs)
+        return [pending if self._streams(group) else _written(pending)]
 
     def _scattered_grads(
         self,
@@ -549,20 +567,67 @@ class LayerwisePlan:
 
     def contract(self, f1: list[Feature], f2: list[Feature]) -> Tensor:
         """The kernel block between two tiles: the sum of every group's contribution."""
+        return self.contract_blocks(f1, f2, [(slice(None), slice(None))])[0]
+
+    def contract_blocks(
+        self, f1: list[Feature], f2: list[Feature], blocks: list[tuple[slice, slice]]
+    ) -> list[Tensor]:
+        """The kernel blocks (rows of ``f1``, cols of ``f2``) of two tiles (a diagonal
+        tile's sub-blocks with ``f1 is f2``): streamed gradients are formed once per piece
+        and tile, for all blocks."""
         first = f1[0]
         like = first.cotangents if isinstance(first, GramFeatures) else first
         like = like.h if isinstance(like, WeightedGrads) else like
-        block = empty_block(like, len(first), len(f2[0]), self.n_outputs, self.full)
+        like = like.groups[0].cotangents if isinstance(like, StreamedGrads) else like
+        n1, n2 = len(first), len(f2[0])
+        out = [
+            empty_block(like, len(range(n1)[r]), len(range(n2)[c]), self.n_outputs, self.full)
+            for r, c in blocks
+        ]
         with torch.no_grad():
             for a, b in zip(f1, f2, strict=True):
-                if isinstance(a, GramFeatures) and isinstance(b, GramFeatures):
-                    _add_gram_product(block, a, b)
-                elif isinstance(a, WeightedGrads) and isinstance(b, WeightedGrads):
-                    add_jacobian_product(block, a.h * a.w, b.h)
-                else:
-                    assert isinstance(a, Tensor) and isinstance(b, Tensor)
-                    add_jacobian_product(block, a, b)
-        return block
+                if isinstance(a, StreamedGrads) and isinstance(b, StreamedGrads):
+                    self._add_streamed(out, blocks, a, b)
+                    continue
+                for block, (r, c) in zip(out, blocks, strict=True):
+                    if isinstance(a, GramFeatures) and isinstance(b, GramFeatures):
+                        _add_gram_product(block, a[r], b[c])
+                    elif isinstance(a, WeightedGrads) and isinstance(b, WeightedGrads):
+                        add_jacobian_product(block, a.h[r] * a.w, b.h[c])
+                    else:
+                        assert isinstance(a, Tensor) and isinstance(b, Tensor)
+                        add_jacobian_product(block, a[r], b[c])
+        return out
+
+    def _add_streamed(
+        self,
+        out: list[Tensor],
+        blocks: list[tuple[slice, slice]],
+        a: StreamedGrads,
+        b: StreamedGrads,
+    ) -> None:
+        for i, channels in a.pieces(max(len(a), len(b))):
+            ga = self._formed("left", a.groups[i], channels)
+            gb = ga if b is a else self._formed("right", b.groups[i], channels)
+            for block, (r, c) in zip(out, blocks, strict=True):
+                add_jacobian_product(block, ga[r], gb[c])
+
+    def _formed(self, side: str, group: _PendingGrads, channels: slice) -> Tensor:
+        """A piece of a group's gradients, formed into this plan's buffer for ``side``."""
+        t, k = group.cotangents.shape[:2]
+        n = len(range(group.channels)[channels]) * group.entries_per_channel
+        like = group.cotangents
+        buffer = self.buffers.get(side)
+        if (
+            buffer is None
+            or buffer.numel() < t * k * n
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = self.buffers[side] = like.new_empty(t * k * n)
+        piece = buffer[: t * k * n].view(t, k, n)
+        group.write(piece, channels)
+        return piece
 
 
 # --- plan ----------------------------------------------------------------------------
@@ -880,74 +945,113 @@ def _embedding_grads(
 
 
 def _per_sample_matmuls(left: Tensor, right: Tensor, out: Tensor) -> None:
-    """``out[t, a]`` = ``left[t, a] @ right[t]`` flattened: (T, K, C, L) @ (T, L, D) into
-    a (T, K, C·D) view.
+    """``out[t, a]`` = ``left[t, a] @ right[t]`` flattened: (T, K, C, L) @ (T, L, D) into a
+    contiguous (T, K, C·D) ``out``, one batched matmul over the samples.
 
-    Where ``out``'s outputs and entries are contiguous per sample (a trace kernel's
-    layout), one batched matmul over the samples, after copying the cotangents ``left``
-    sample-major (they come output-major from the batched backward, and are far smaller
-    than the gradients). Otherwise one batched matmul per output into a reused contiguous
-    tile, then copied into place: a matmul straight into a strided ``out`` loops over the
-    samples.
+    The cotangents ``left`` come output-major from the batched backward; reshaping them
+    sample-major copies them, but they are far smaller than the gradients.
     """
     t, k, c, length = left.shape
-    d = right.shape[-1]
-    if out.stride(1) == c * d and out.stride(2) == 1:
-        torch.bmm(left.reshape(t, k * c, length), right, out=out.view(t, k * c, d))
-        return
-    tile = out.new_empty(t, c, d)
-    for a in range(k):
-        torch.bmm(left[:, a], right, out=tile)
-        out[:, a].view(t, c, d).copy_(tile)
+    torch.bmm(left.reshape(t, k * c, length), right, out=out.view(t, k * c, right.shape[-1]))
 
 
 @dataclass(frozen=True)
 class _PendingGrads:
-    """Per-sample gradients of ``shape`` (T, K, P), not yet written: ``write(out)`` fills
-    ``out``, a (T, K, P) slice of the tensor shared by a tile's gradient groups.
-    ``like``: a tensor of their dtype and device; ``ready``: the gradients where they are
-    already computed (elementwise groups), to be used as they are when alone."""
+    """A group's per-sample gradients Σ_l G_{ial} ⊗ A_{il} (T, K, P), not yet formed: the
+    cotangents (T, K, Gr, C, L) and the inputs (T, Gr, D, L) or, for an embedding of
+    ``vocab`` entries, the tokens (T, L). :meth:`write` forms a range of the channels C."""
 
-    shape: tuple[int, ...]
-    like: Tensor
-    write: Callable[[Tensor], object]
-    ready: Tensor | None = None
+    cotangents: Tensor
+    right: Tensor
+    vocab: int = 0
+
+    def __len__(self) -> int:
+        return len(self.cotangents)
+
+    def __getitem__(self, rows: slice) -> _PendingGrads:
+        return replace(self, cotangents=self.cotangents[rows], right=self.right[rows])
+
+    @property
+    def channels(self) -> int:
+        return self.cotangents.shape[3]
+
+    @property
+    def entries_per_channel(self) -> int:
+        return self.vocab or self.cotangents.shape[2] * self.right.shape[2]
+
+    def write(self, out: Tensor, channels: slice) -> None:
+        """The gradients of the entries of ``channels`` into ``out`` (T, K, P'), contiguous."""
+        cot = self.cotangents[:, :, :, channels]
+        if self.vocab:
+            _embedding_grads(self.right, cot, cot.shape[3], self.vocab, out)
+        else:
+            _weight_grads(cot, self.right, out)
+
+    @staticmethod
+    def join(parts: list[_PendingGrads]) -> _PendingGrads:
+        return replace(
+            parts[0],
+            cotangents=torch.cat([p.cotangents for p in parts]),
+            right=torch.cat([p.right for p in parts]),
+        )
 
 
 def _written(pending: Feature | _PendingGrads) -> Tensor:
-    """The gradients of one group, written into a tensor of their own if still pending."""
-    if isinstance(pending, Tensor):
+    """The gradients of one group in a tensor of their own, formed if still pending."""
+    if not isinstance(pending, _PendingGrads):
+        assert isinstance(pending, Tensor)
         return pending
-    assert isinstance(pending, _PendingGrads)
-    if pending.ready is not None:
-        return pending.ready
-    out = torch.empty(pending.shape, dtype=pending.like.dtype, device=pending.like.device)
-    pending.write(out)
+    t, k = pending.cotangents.shape[:2]
+    like = pending.cotangents
+    out = like.new_empty(t, k, pending.channels * pending.entries_per_channel)
+    pending.write(out, slice(None))
     return out
 
 
-def _write_side_by_side(pending: list[_PendingGrads], full: bool) -> Tensor:
-    """The pending gradients side by side in one tensor, so that the contraction makes one
-    matmul per block.
+#: Bytes of per-sample gradients formed at a time (per side of a block): larger groups
+#: are formed a range of their channels at a time.
+_PIECE_BYTES = 16 * 2**20
 
-    Full kernel: (T, K, ΣP), every output's entries of all groups in a row. Trace kernel:
-    only the sum over (output, entry) pairs matters, so (T, 1, K·ΣP) with each group's
-    (K, P) block contiguous, which its gradients are written into with one matmul.
+
+@dataclass
+class StreamedGrads:
+    """The per-sample gradients of a tile's "grads" and embedding groups, formed only
+    while contracted, a piece (a group, or a range of its channels, of at most
+    ``_PIECE_BYTES``) at a time, into buffers reused across pieces and blocks.
+
+    A tile's gradients are often hundreds of MiB, and writing them into fresh memory costs
+    about four times forming them (page faults: 25 ms against 6.5 ms for 52 MiB on 2
+    cores), so they are never all held; the captured inputs and cotangents they are formed
+    from are smaller by about L·(D + K·C) / (K·C·D).
     """
-    t, k = pending[0].shape[:2]
-    like = pending[0].like
-    total = sum(p.shape[2] for p in pending)
-    shape = (t, k, total) if full else (t, 1, k * total)
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    start = 0
-    for p in pending:
-        size = p.shape[2]
-        if full:
-            p.write(out[:, :, start : start + size])
-        else:
-            p.write(out[:, 0, k * start : k * (start + size)].unflatten(1, (k, size)))
-        start += size
-    return out
+
+    groups: list[_PendingGrads]
+
+    def __len__(self) -> int:
+        return len(self.groups[0])
+
+    def __getitem__(self, rows: slice) -> StreamedGrads:
+        return StreamedGrads([g[rows] for g in self.groups])
+
+    @staticmethod
+    def join(parts: list[StreamedGrads]) -> StreamedGrads:
+        """The gradients of consecutive chunks of samples as one."""
+        columns = zip(*(p.groups for p in parts), strict=True)
+        return StreamedGrads([_PendingGrads.join(list(g)) for g in columns])
+
+    def pieces(self, t: int) -> list[tuple[int, slice]]:
+        """(group, channels) pieces of at most ``_PIECE_BYTES`` for ``t`` samples (at
+        least one channel each): the same for both tiles of a block."""
+        out = []
+        for i, g in enumerate(self.groups):
+            k = g.cotangents.shape[1]
+            channel_bytes = t * k * g.entries_per_channel * g.cotangents.element_size()
+            step = max(1, min(g.channels, _PIECE_BYTES // max(channel_bytes, 1)))
+            out += [(i, slice(c, min(c + step, g.channels))) for c in range(0, g.channels, step)]
+        return out
+
+
+Feature = Tensor | GramFeatures | WeightedGrads | StreamedGrads
 
 
 def _per_dim(value: object, spatial: int) -> tuple[int, ...]:
@@ -1157,11 +1261,16 @@ def _add_shared_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) 
         block.add_(f1.bias * gamma.sum())
 
 
+def _grad_entries(g: _Group) -> int:
+    """Entries of ``g``'s per-sample gradients (a gram group's folded bias included)."""
+    return g.n_entries if g.kind != "gram" else g.n_groups * g.out_dim * g.in_dim
+
+
 def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, float]:
     """FLOPs per sample, FLOPs per pair, feature elements per sample, pair temporaries."""
     k_pair = k * k if full else k
     if g.mode == "grads":
-        n_entries = g.n_entries if g.kind != "gram" else g.n_groups * g.out_dim * g.in_dim
+        n_entries = _grad_entries(g)
         form = 2 * k * g.positions * max(n_entries, g.n_groups * g.out_dim * g.in_dim)
         return form, 2 * k_pair * n_entries, k * n_entries, 0.0
     squares = g.n_groups * g.positions**2

@@ -217,11 +217,14 @@ class TiledKernel(Generic[Features]):
     """A kernel method as ``featurize`` (tile -> features) and ``contract`` (two -> block).
 
     Features are tensors with samples first, objects that slice like them, or lists of
-    these.
+    these. ``diagonal``, where given, contracts a tile with itself on the sub-blocks
+    (rows, cols) of :func:`upper_sub_blocks` at once, for a method whose features are
+    cheaper to use for all sub-blocks together than one sub-block at a time.
     """
 
     featurize: Callable[[Tensor], Features]
     contract: Callable[[Features, Features], Tensor]
+    diagonal: Callable[[Features, list[tuple[slice, slice]]], list[Tensor]] | None = None
 
     def assemble(self, x1: Tensor, x2: Tensor | None, plan: TilePlan, layout: Layout) -> Tensor:
         """The kernel between ``x1`` and ``x2`` (x1 itself if None), block by block.
@@ -246,12 +249,20 @@ class TiledKernel(Generic[Features]):
                 if symmetric and j < i:
                     continue
                 if symmetric and j == i:
-                    pieces = _upper_sub_blocks(r, f1)
+                    sub = upper_sub_blocks(r.stop - r.start)
+                    blocks = (
+                        self.diagonal(f1, sub)
+                        if self.diagonal is not None
+                        else [self.contract(_take(f1, p), _take(f1, q)) for p, q in sub]
+                    )
+                    pieces = [
+                        (_shift(p, r.start), _shift(q, r.start), block)
+                        for (p, q), block in zip(sub, blocks, strict=True)
+                    ]
                 else:
                     f2 = kept2[j] if kept2 is not None else self.featurize(other[c])
-                    pieces = [(r, c, f1, f2)]
-                for rr, cc, a, b in pieces:
-                    block = self.contract(a, b)
+                    pieces = [(r, c, self.contract(f1, f2))]
+                for rr, cc, block in pieces:
                     if out is None:
                         out = layout.empty(len(x1), len(other), block)
                     layout.write(out, rr, cc, block, mirror=symmetric and rr != cc)
@@ -278,18 +289,12 @@ def _join(parts: list[Any]) -> Any:
     return type(first).join(parts)
 
 
-def _upper_sub_blocks(
-    tile: slice, features: Features
-) -> list[tuple[slice, slice, Features, Features]]:
-    """The sub-blocks on and above the diagonal of a tile's kernel with itself."""
-    n = tile.stop - tile.start
+def upper_sub_blocks(n: int) -> list[tuple[slice, slice]]:
+    """The sub-blocks (rows, cols) on and above the diagonal of a tile of ``n`` samples'
+    kernel with itself."""
     n_parts = max(1, min(_DIAGONAL_SPLIT, n // _MIN_SPLIT_ROWS))
     parts = _tiles(n, math.ceil(n / n_parts))
-    return [
-        (_shift(p, tile.start), _shift(q, tile.start), _take(features, p), _take(features, q))
-        for i, p in enumerate(parts)
-        for q in parts[i:]
-    ]
+    return [(p, q) for i, p in enumerate(parts) for q in parts[i:]]
 
 
 def _take(features: Any, rows: slice) -> Any:
