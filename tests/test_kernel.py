@@ -259,8 +259,8 @@ def test_flatten_row_index_is_i_times_k_plus_a() -> None:
 
 @pytest.mark.parametrize("n", [300, 520])
 def test_diagonal_tiles_split_into_sub_blocks_match(n: int) -> None:
-    """Enough samples that a diagonal tile is contracted as upper sub-blocks only (two
-    parts at 300 samples, four at 520)."""
+    """Enough samples that a diagonal tile is contracted as upper sub-blocks only (halved
+    twice at 300 samples, three times at 520)."""
     torch.manual_seed(0)
     model = mlp().double()
     x = torch.randn(n, 5, dtype=torch.float64)
@@ -268,6 +268,23 @@ def test_diagonal_tiles_split_into_sub_blocks_match(n: int) -> None:
         expected = reference_kernel(model, x, None, output)
         for method in ("layerwise", "jacobian"):
             assert_close(ntklens.ntk(model, x, output=output, method=method), expected)
+
+
+@pytest.mark.parametrize(("n", "min_rows"), [(1, 1), (7, 1), (300, 64), (520, 64), (127, 64)])
+def test_upper_sub_blocks_cover_each_pair_once(
+    n: int, min_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sub-blocks and the mirrors of the off-diagonal ones cover every (row, col) exactly
+    once, and no part is smaller than the minimum unless the tile is."""
+    monkeypatch.setattr(tiling, "_MIN_SPLIT_ROWS", min_rows)
+    covered = torch.zeros(n, n, dtype=torch.int64)
+    for rows, cols in tiling.upper_sub_blocks(n):
+        assert min(rows.stop - rows.start, cols.stop - cols.start) >= min(min_rows, n)
+        covered[rows, cols] += 1
+        if rows != cols:
+            assert rows.stop <= cols.start  # strictly above the diagonal
+            covered[cols, rows] += 1
+    assert torch.equal(covered, torch.ones(n, n, dtype=torch.int64))
 
 
 class FlatBatch(nn.Module):

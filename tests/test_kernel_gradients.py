@@ -60,10 +60,31 @@ def test_pieces_cover_every_channel_once_within_the_cap(monkeypatch: pytest.Monk
     ]
     cap = t * k * 5 * 4 * 2  # two channels of the first group (float32)
     monkeypatch.setattr(layerwise, "_PIECE_BYTES", cap)
-    pieces = StreamedGrads(groups).pieces(t)
+    pieces = StreamedGrads([groups]).pieces(t)
     for i, g in enumerate(groups):
         covered = [ch for j, s in pieces if j == i for ch in range(g.channels)[s]]
         assert covered == list(range(g.channels))
         widest = max(len(range(g.channels)[s]) for j, s in pieces if j == i)
         channel_bytes = t * k * g.entries_per_channel * 4
         assert widest == max(1, min(g.channels, cap // channel_bytes))
+
+
+def test_chunks_joined_and_sliced_write_the_rows_they_hold() -> None:
+    """Chunks of samples joined without copying, then sliced across a chunk boundary,
+    write the same gradients as the sliced rows of the whole tile."""
+    gen = _gen()
+    t, k, c, length, d = 9, 2, 3, 4, 5
+    cot = torch.randn(t, k, 1, c, length, dtype=torch.float64, generator=gen)
+    inputs = torch.randn(t, 1, d, length, dtype=torch.float64, generator=gen)
+    every = torch.einsum("tkgcl,tgdl->tkgcd", cot, inputs)
+    bounds = [(0, 2), (2, 6), (6, 9)]
+    joined = StreamedGrads.join(
+        [StreamedGrads([[_PendingGrads(cot[a:b], inputs[a:b])]]) for a, b in bounds]
+    )
+    assert len(joined) == t
+    rows = joined[1:7]
+    assert len(rows) == 6
+    out = torch.empty(6, k, 2 * d, dtype=torch.float64)
+    rows.write(out, 0, slice(1, 3))
+    expected = every[1:7, :, :, 1:3].reshape(6, k, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)

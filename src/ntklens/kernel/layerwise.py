@@ -428,7 +428,7 @@ class LayerwisePlan:
             gradients.insert(0, torch.cat(elementwise, dim=2))
         if self.fallback:
             gradients.append(per_sample_jacobians(model, self.fallback, x))
-        streamed: list[Feature] = [StreamedGrads(pending)] if pending else []
+        streamed: list[Feature] = [StreamedGrads([pending])] if pending else []
         return grams + streamed + gradients
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
@@ -606,28 +606,28 @@ class LayerwisePlan:
         a: StreamedGrads,
         b: StreamedGrads,
     ) -> None:
-        for i, channels in a.pieces(max(len(a), len(b))):
-            ga = self._formed("left", a.groups[i], channels)
-            gb = ga if b is a else self._formed("right", b.groups[i], channels)
+        pieces = a.pieces(max(len(a), len(b)))
+        left = self._buffer("left", a, pieces)
+        right = left if b is a else self._buffer("right", b, pieces)
+        for i, channels in pieces:
+            ga = a.formed(left, i, channels)
+            gb = ga if b is a else b.formed(right, i, channels)
             for block, (r, c) in zip(out, blocks, strict=True):
                 add_jacobian_product(block, ga[r], gb[c])
 
-    def _formed(self, side: str, group: _PendingGrads, channels: slice) -> Tensor:
-        """A piece of a group's gradients, formed into this plan's buffer for ``side``."""
-        t, k = group.cotangents.shape[:2]
-        n = len(range(group.channels)[channels]) * group.entries_per_channel
-        like = group.cotangents
+    def _buffer(self, side: str, grads: StreamedGrads, pieces: list[tuple[int, slice]]) -> Tensor:
+        """This plan's reused memory for ``side``, grown to the largest of ``pieces``."""
+        like = grads.groups[0].cotangents
+        numel = max(grads.piece_numel(i, channels) for i, channels in pieces)
         buffer = self.buffers.get(side)
         if (
             buffer is None
-            or buffer.numel() < t * k * n
+            or buffer.numel() < numel
             or buffer.dtype != like.dtype
             or buffer.device != like.device
         ):
-            buffer = self.buffers[side] = like.new_empty(t * k * n)
-        piece = buffer[: t * k * n].view(t, k, n)
-        group.write(piece, channels)
-        return piece
+            buffer = self.buffers[side] = like.new_empty(numel)
+        return buffer
 
 
 # --- plan ----------------------------------------------------------------------------
@@ -987,14 +987,6 @@ class _PendingGrads:
         else:
             _weight_grads(cot, self.right, out)
 
-    @staticmethod
-    def join(parts: list[_PendingGrads]) -> _PendingGrads:
-        return replace(
-            parts[0],
-            cotangents=torch.cat([p.cotangents for p in parts]),
-            right=torch.cat([p.right for p in parts]),
-        )
-
 
 def _written(pending: Feature | _PendingGrads) -> Tensor:
     """The gradients of one group in a tensor of their own, formed if still pending."""
@@ -1022,22 +1014,37 @@ class StreamedGrads:
     A tile's gradients are often hundreds of MiB, and writing them into fresh memory costs
     about four times forming them (page faults: 25 ms against 6.5 ms for 52 MiB on 2
     cores), so they are never all held; the captured inputs and cotangents they are formed
-    from are smaller by about L·(D + K·C) / (K·C·D).
+    from are smaller by about L·(D + K·C) / (K·C·D). A tile captured in chunks of samples
+    keeps the chunks (``chunks[c][group]``) and forms each piece from all of them, rather
+    than copying the chunks' captures into one tensor per group.
     """
 
-    groups: list[_PendingGrads]
+    chunks: list[list[_PendingGrads]]
 
     def __len__(self) -> int:
-        return len(self.groups[0])
+        return sum(len(chunk[0]) for chunk in self.chunks)
 
     def __getitem__(self, rows: slice) -> StreamedGrads:
-        return StreamedGrads([g[rows] for g in self.groups])
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, "tiles are contiguous"
+        kept, offset = [], 0
+        for chunk in self.chunks:
+            n = len(chunk[0])
+            lo, hi = max(start - offset, 0), min(stop - offset, n)
+            if lo < hi:
+                kept.append(chunk if (lo, hi) == (0, n) else [g[lo:hi] for g in chunk])
+            offset += n
+        return StreamedGrads(kept)
 
     @staticmethod
     def join(parts: list[StreamedGrads]) -> StreamedGrads:
-        """The gradients of consecutive chunks of samples as one."""
-        columns = zip(*(p.groups for p in parts), strict=True)
-        return StreamedGrads([_PendingGrads.join(list(g)) for g in columns])
+        """The gradients of consecutive chunks of samples as one, without copying."""
+        return StreamedGrads([chunk for part in parts for chunk in part.chunks])
+
+    @property
+    def groups(self) -> list[_PendingGrads]:
+        """The first chunk's groups: the shapes every chunk shares but for its samples."""
+        return self.chunks[0]
 
     def pieces(self, t: int) -> list[tuple[int, slice]]:
         """(group, channels) pieces of at most ``_PIECE_BYTES`` for ``t`` samples (at
@@ -1049,6 +1056,30 @@ class StreamedGrads:
             step = max(1, min(g.channels, _PIECE_BYTES // max(channel_bytes, 1)))
             out += [(i, slice(c, min(c + step, g.channels))) for c in range(0, g.channels, step)]
         return out
+
+    def piece_numel(self, group: int, channels: slice) -> int:
+        """Entries of the piece of ``group``'s ``channels`` for all samples."""
+        g = self.groups[group]
+        n_channels = len(range(g.channels)[channels])
+        return len(self) * g.cotangents.shape[1] * n_channels * g.entries_per_channel
+
+    def formed(self, buffer: Tensor, group: int, channels: slice) -> Tensor:
+        """The piece of ``group``'s ``channels`` (T, K, P'), formed at the start of
+        ``buffer``."""
+        g = self.groups[group]
+        piece = buffer[: self.piece_numel(group, channels)].view(
+            len(self), g.cotangents.shape[1], -1
+        )
+        self.write(piece, group, channels)
+        return piece
+
+    def write(self, out: Tensor, group: int, channels: slice) -> None:
+        """The gradients of ``group``'s ``channels`` for all samples into ``out`` (T, K, P')."""
+        offset = 0
+        for chunk in self.chunks:
+            n = len(chunk[group])
+            chunk[group].write(out[offset : offset + n], channels)
+            offset += n
 
 
 Feature = Tensor | GramFeatures | WeightedGrads | StreamedGrads
