@@ -270,15 +270,22 @@ def test_diagonal_tiles_split_into_sub_blocks_match(n: int) -> None:
             assert_close(ntklens.ntk(model, x, output=output, method=method), expected)
 
 
-@pytest.mark.parametrize(("n", "min_rows"), [(1, 1), (7, 1), (300, 64), (520, 64), (127, 64)])
+@pytest.mark.parametrize(
+    ("n", "min_rows", "min_tile"),
+    [(1, 1, 1), (7, 1, 1), (300, 64, 256), (520, 64, 256), (127, 64, 1), (200, 64, 256)],
+)
 def test_upper_sub_blocks_cover_each_pair_once(
-    n: int, min_rows: int, monkeypatch: pytest.MonkeyPatch
+    n: int, min_rows: int, min_tile: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sub-blocks and the mirrors of the off-diagonal ones cover every (row, col) exactly
-    once, and no part is smaller than the minimum unless the tile is."""
+    once, no part is smaller than the minimum unless the tile is, and a tile below the
+    minimum to split is one block."""
     monkeypatch.setattr(tiling, "_MIN_SPLIT_ROWS", min_rows)
+    monkeypatch.setattr(tiling, "_MIN_SPLIT_TILE", min_tile)
+    blocks = tiling.upper_sub_blocks(n)
+    assert (len(blocks) == 1) == (n < max(min_tile, 2 * min_rows))
     covered = torch.zeros(n, n, dtype=torch.int64)
-    for rows, cols in tiling.upper_sub_blocks(n):
+    for rows, cols in blocks:
         assert min(rows.stop - rows.start, cols.stop - cols.start) >= min(min_rows, n)
         covered[rows, cols] += 1
         if rows != cols:

@@ -416,9 +416,11 @@ def test_features_computed_in_chunks_give_the_same_kernel(
 def test_gradients_formed_a_channel_at_a_time_on_sub_blocks_give_the_same_kernel(
     case: dict, output: str, symmetric: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Streamed gradients in pieces of one channel, diagonal tiles split four ways."""
+    """Streamed gradients in pieces of one channel, diagonal tiles halved down to one
+    sample."""
     monkeypatch.setattr(layerwise, "_PIECE_BYTES", 1)
     monkeypatch.setattr(tiling, "_MIN_SPLIT_ROWS", 1)
+    monkeypatch.setattr(tiling, "_MIN_SPLIT_TILE", 1)
     x2 = None if symmetric else case["x2"]
     kernel = ntklens.ntk(case["model"], case["x1"], x2, output=output, method="layerwise")
     assert_close(kernel, case["refs"][(output, symmetric)])
@@ -512,6 +514,16 @@ def test_per_sample_costs_leave_out_per_call_work() -> None:
             probes.append(LayerwisePlan.probe(model, x, n_pairs=2.0, full=False)[1])
     assert probes[0].activation_bytes <= 2 * probes[1].activation_bytes
     assert probes[0].forward_flops == pytest.approx(probes[1].forward_flops)
+
+
+def test_weight_norm_biases_fold_into_their_weights_features() -> None:
+    """A weight-normed Linear's bias is contracted with its weight's features, not as a
+    group of its own (the kernel itself is checked in the "weight-norm" case)."""
+    torch.manual_seed(0)
+    model = weight_norm_mlp().double()
+    plan, _ = LayerwisePlan.probe(model, _randn(4, 0, 5), n_pairs=2.0, full=False)
+    assert all(g.weight_norm is not None and g.bias is not None for g in plan.groups)
+    assert plan.rules["0.bias"].startswith("bias folded into weight_norm")
 
 
 def test_shared_cotangents_take_the_cheap_contraction_exactly() -> None:

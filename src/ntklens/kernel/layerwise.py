@@ -150,16 +150,24 @@ class GramFeatures:
 
 @dataclass
 class WeightedGrads:
-    """Per-sample vectors h (T, K, C) contracted as Σ_c w_c h_iac h_jbc."""
+    """Per-sample vectors h (T, K, C) contracted as Σ_c w_c h_iac h_jbc; h·w is formed
+    once per tile (on first use), not per block."""
 
     h: Tensor
     w: Tensor
+    _weighted: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def weighted(self) -> Tensor:
+        if self._weighted is None:
+            self._weighted = self.h * self.w
+        return self._weighted
 
     def __len__(self) -> int:
         return len(self.h)
 
     def __getitem__(self, rows: slice) -> WeightedGrads:
-        return WeightedGrads(self.h[rows], self.w)
+        return WeightedGrads(self.h[rows], self.w, self.weighted[rows])
 
     @staticmethod
     def join(parts: list[WeightedGrads]) -> WeightedGrads:
@@ -487,7 +495,7 @@ class LayerwisePlan:
             return [pending if self._streams(group) else _written(pending)]
         inputs = torch.cat([f[0] for f in feats], dim=-1) if len(feats) > 1 else feats[0][0]
         if group.weight_norm is not None:
-            return self._weight_norm_features(group.weight_norm, inputs, cot)
+            return self._weight_norm_features(group, inputs, cot)
         if group.mode == "gram":
             shared = bool(torch.equal(cot, cot[:1].expand_as(cot)))
             gated = group.cotangents == "gated" and not self.full
@@ -550,9 +558,12 @@ class LayerwisePlan:
             rows += repeated.T
         return rows.view(t, k, n_entries)
 
-    def _weight_norm_features(self, wn: WeightNorm, inputs: Tensor, cot: Tensor) -> list[Feature]:
+    def _weight_norm_features(self, group: _Group, inputs: Tensor, cot: Tensor) -> list[Feature]:
         """Θ = Σ_r c_r² ⟨gW_r, gW'_r⟩ + (1 - c_r²)(u_r·gW_r)(u_r·gW'_r), W_r = g_r u_r,
-        u_r = v_r/‖v_r‖, c_r = g_r/‖v_r‖: the weight's Gram and a rank-C correction."""
+        u_r = v_r/‖v_r‖, c_r = g_r/‖v_r‖: the weight's Gram and a rank-C correction; then
+        a folded bias's per-sample gradients Σ_l G_l."""
+        wn = group.weight_norm
+        assert wn is not None
         v = self.params[wn.v].detach()
         v = v.reshape(len(v), -1)
         norm = v.norm(dim=1)
@@ -563,7 +574,10 @@ class LayerwisePlan:
         h = torch.einsum("tkcl,tcl->tkc", cot[:, :, 0], au)
         shared = bool(torch.equal(scaled, scaled[:1].expand_as(scaled)))
         gram = GramFeatures(inputs, None, scaled, bias=0.0, shared=shared)
-        return [gram, WeightedGrads(h, 1 - c * c)]
+        features: list[Feature] = [gram, WeightedGrads(h, 1 - c * c)]
+        if group.bias is not None:
+            features.append(_scaled(cot[:, :, 0].sum(-1), math.sqrt(group.bias_square)))
+        return features
 
     def contract(self, f1: list[Feature], f2: list[Feature]) -> Tensor:
         """The kernel block between two tiles: the sum of every group's contribution."""
@@ -593,7 +607,7 @@ class LayerwisePlan:
                     if isinstance(a, GramFeatures) and isinstance(b, GramFeatures):
                         _add_gram_product(block, a[r], b[c])
                     elif isinstance(a, WeightedGrads) and isinstance(b, WeightedGrads):
-                        add_jacobian_product(block, a.h[r] * a.w, b.h[c])
+                        add_jacobian_product(block, a.weighted[r], b.h[c])
                     else:
                         assert isinstance(a, Tensor) and isinstance(b, Tensor)
                         add_jacobian_product(block, a[r], b[c])
@@ -800,7 +814,7 @@ def _fold_biases(groups: list[_Group], uses: list[Use], params: dict[str, Tensor
         if len(owners) != 1 or len(attached) != len(set(attached)):
             continue
         owner = owners[0]
-        if owner.weight_norm is not None or owner.bias is not None:
+        if owner.bias is not None:
             continue
         identity = torch.arange(params[bias].numel(), dtype=torch.int32)
         if not all(torch.equal(u.idx.reshape(-1), identity) for u in bias_uses):
@@ -1312,9 +1326,10 @@ def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, fl
     shared = 2 * g.n_groups * g.in_dim * g.positions * n_products  # _add_shared_gram_product
     if g.cotangents == "shared" and g.weight_norm is None and shared < pair:
         return shared * g.positions, shared, feature, 0.0
-    if g.weight_norm is not None:
-        pair += 2 * k_pair * g.out_dim
-        feature += k * g.out_dim
+    if g.weight_norm is not None:  # the rank-C correction, and a folded bias's gradients
+        vectors = 2 if g.bias is not None else 1
+        pair += 2 * k_pair * g.out_dim * vectors
+        feature += k * g.out_dim * vectors
     return 0.0, pair, feature, squares * (1 + n_products)
 
 

@@ -42,12 +42,14 @@ _MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 #: backward passes) usually costs more than the extra, smaller contractions.
 _MIN_CACHED_TILE = 64
 _SMALLEST_CACHED_TILE = 16
-#: A diagonal tile is halved, and its diagonal halves halved again while the halves keep
-#: at least _MIN_SPLIT_ROWS samples, so that only the sub-blocks on and above the diagonal
-#: are computed: one halving does 3/4 of the work, two 5/8, three 9/16. Off-diagonal
-#: blocks stay as large as they can, so the matmuls stay efficient (on 2 cores, a 320-row
-#: tile's Gram over 13k entries took 0.71 of the whole matmul's time split down to 64
-#: rows, against 0.78 with one halving; smaller parts lose more than they save).
+#: A diagonal tile of at least _MIN_SPLIT_TILE samples is halved, and its diagonal halves
+#: halved again while the halves keep at least _MIN_SPLIT_ROWS samples, so that only the
+#: sub-blocks on and above the diagonal are computed: one halving does 3/4 of the work,
+#: two 5/8, three 9/16. Off-diagonal blocks stay as large as they can, so the matmuls stay
+#: efficient (on 2 cores, a 320-row tile's Gram over 13k entries took 0.71 of the whole
+#: matmul's time split down to 64 rows, against 0.78 with one halving; smaller parts lose
+#: more than they save, and a 128-sample tile's kernel is 2-5% faster unsplit).
+_MIN_SPLIT_TILE = 256
 _MIN_SPLIT_ROWS = 64
 #: Cached features are computed in chunks of about this much transient work
 #: (``Footprint.work`` per sample) and joined per tile: the capture's batched backward and
@@ -294,6 +296,8 @@ def _join(parts: list[Any]) -> Any:
 def upper_sub_blocks(n: int) -> list[tuple[slice, slice]]:
     """The sub-blocks (rows, cols) on and above the diagonal of a tile of ``n`` samples'
     kernel with itself: the tile halved, and its diagonal halves halved recursively."""
+    if n < _MIN_SPLIT_TILE:
+        return [(slice(0, n), slice(0, n))]
     return _upper_halves(0, n)
 
 
