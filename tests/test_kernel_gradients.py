@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ntklens.kernel import layerwise
-from ntklens.kernel.layerwise import StreamedGrads, _PendingGrads, _per_sample_matmuls
+from ntklens.kernel.layerwise import Piece, StreamedGrads, _PendingGrads, _per_sample_matmuls
 
 
 def _gen() -> torch.Generator:
@@ -52,29 +52,44 @@ def test_embedding_channels_are_rows_of_the_one_hot_product() -> None:
     torch.testing.assert_close(out, every[:, :, 2:4].reshape(t, k, -1), rtol=1e-12, atol=0)
 
 
-def test_pieces_cover_every_channel_once_within_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("per_output", [False, True])
+def test_pieces_cover_every_channel_once_within_the_cap(
+    per_output: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every (output, channel) of every group lies in exactly one piece, each piece as wide
+    as the cap allows; per output, each piece holds a single output."""
     t, k, length = 8, 3, 2
     groups = [
         _PendingGrads(torch.zeros(t, k, 1, c, length), torch.zeros(t, 1, d, length))
         for c, d in ((7, 5), (1, 3), (40, 2))
     ]
-    cap = t * k * 5 * 4 * 2  # two channels of the first group (float32)
+    cap = t * k * 5 * 4 * 2  # two channels of the first group (float32), for all K
     monkeypatch.setattr(layerwise, "_PIECE_BYTES", cap)
-    pieces = StreamedGrads([groups]).pieces(t)
+    pieces = StreamedGrads([groups]).pieces(t, per_output=per_output)
+    width = 1 if per_output else k
     for i, g in enumerate(groups):
-        covered = [ch for j, s in pieces if j == i for ch in range(g.channels)[s]]
-        assert covered == list(range(g.channels))
-        widest = max(len(range(g.channels)[s]) for j, s in pieces if j == i)
-        channel_bytes = t * k * g.entries_per_channel * 4
+        mine = [p for p in pieces if p.group == i]
+        covered = sorted(
+            (a, ch)
+            for p in mine
+            for a in range(k)[p.outputs]
+            for ch in range(g.channels)[p.channels]
+        )
+        assert covered == [(a, ch) for a in range(k) for ch in range(g.channels)]
+        assert all(len(range(k)[p.outputs]) == width for p in mine)
+        widest = max(len(range(g.channels)[p.channels]) for p in mine)
+        channel_bytes = t * width * g.entries_per_channel * 4
         assert widest == max(1, min(g.channels, cap // channel_bytes))
 
 
-def test_chunks_joined_and_sliced_write_the_rows_they_hold() -> None:
+@pytest.mark.parametrize("outputs", [slice(None), slice(1, 2)])
+def test_chunks_joined_and_sliced_form_the_rows_they_hold(outputs: slice) -> None:
     """Chunks of samples joined without copying, then sliced across a chunk boundary,
-    write the same gradients as the sliced rows of the whole tile."""
+    form the same gradients as the sliced rows of the whole tile, for all outputs or one."""
     gen = _gen()
     t, k, c, length, d = 9, 2, 3, 4, 5
-    cot = torch.randn(t, k, 1, c, length, dtype=torch.float64, generator=gen)
+    # output-major, as the batched backward returns them
+    cot = torch.randn(k, t, 1, c, length, dtype=torch.float64, generator=gen).transpose(0, 1)
     inputs = torch.randn(t, 1, d, length, dtype=torch.float64, generator=gen)
     every = torch.einsum("tkgcl,tgdl->tkgcd", cot, inputs)
     bounds = [(0, 2), (2, 6), (6, 9)]
@@ -84,7 +99,7 @@ def test_chunks_joined_and_sliced_write_the_rows_they_hold() -> None:
     assert len(joined) == t
     rows = joined[1:7]
     assert len(rows) == 6
-    out = torch.empty(6, k, 2 * d, dtype=torch.float64)
-    rows.write(out, 0, slice(1, 3))
-    expected = every[1:7, :, :, 1:3].reshape(6, k, -1)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+    buffer = torch.empty(100 * k * c * d, dtype=torch.float64)
+    formed = rows.formed(buffer, Piece(0, outputs, slice(1, 3)))
+    expected = every[1:7, outputs, :, 1:3].reshape(6, len(range(k)[outputs]), -1)
+    torch.testing.assert_close(formed, expected, rtol=1e-12, atol=0)

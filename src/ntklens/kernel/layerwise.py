@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -620,19 +620,19 @@ class LayerwisePlan:
         a: StreamedGrads,
         b: StreamedGrads,
     ) -> None:
-        pieces = a.pieces(max(len(a), len(b)))
+        pieces = a.pieces(max(len(a), len(b)), per_output=not self.full)
         left = self._buffer("left", a, pieces)
         right = left if b is a else self._buffer("right", b, pieces)
-        for i, channels in pieces:
-            ga = a.formed(left, i, channels)
-            gb = ga if b is a else b.formed(right, i, channels)
+        for piece in pieces:
+            ga = a.formed(left, piece)
+            gb = ga if b is a else b.formed(right, piece)
             for block, (r, c) in zip(out, blocks, strict=True):
                 add_jacobian_product(block, ga[r], gb[c])
 
-    def _buffer(self, side: str, grads: StreamedGrads, pieces: list[tuple[int, slice]]) -> Tensor:
+    def _buffer(self, side: str, grads: StreamedGrads, pieces: list[Piece]) -> Tensor:
         """This plan's reused memory for ``side``, grown to the largest of ``pieces``."""
         like = grads.groups[0].cotangents
-        numel = max(grads.piece_numel(i, channels) for i, channels in pieces)
+        numel = max(grads.piece_numel(piece) for piece in pieces)
         buffer = self.buffers.get(side)
         if (
             buffer is None
@@ -993,9 +993,10 @@ class _PendingGrads:
     def entries_per_channel(self) -> int:
         return self.vocab or self.cotangents.shape[2] * self.right.shape[2]
 
-    def write(self, out: Tensor, channels: slice) -> None:
-        """The gradients of the entries of ``channels`` into ``out`` (T, K, P'), contiguous."""
-        cot = self.cotangents[:, :, :, channels]
+    def write(self, out: Tensor, channels: slice, outputs: slice = slice(None)) -> None:
+        """The gradients of the entries of ``channels`` for ``outputs`` into ``out``
+        (T, K', P'), contiguous."""
+        cot = self.cotangents[:, outputs, :, channels]
         if self.vocab:
             _embedding_grads(self.right, cot, cot.shape[3], self.vocab, out)
         else:
@@ -1060,40 +1061,54 @@ class StreamedGrads:
         """The first chunk's groups: the shapes every chunk shares but for its samples."""
         return self.chunks[0]
 
-    def pieces(self, t: int) -> list[tuple[int, slice]]:
-        """(group, channels) pieces of at most ``_PIECE_BYTES`` for ``t`` samples (at
-        least one channel each): the same for both tiles of a block."""
+    def pieces(self, t: int, per_output: bool) -> list[Piece]:
+        """Pieces of at most ``_PIECE_BYTES`` for ``t`` samples (at least one channel
+        each), the same for both tiles of a block: each group's channel ranges, for all K
+        outputs together or, ``per_output`` (the trace kernel), one output at a time.
+
+        One output's cotangents are a strided view of the batched backward's (K, T, …)
+        result that a batched matmul reads in place; all K together must first be copied
+        sample-major."""
         out = []
         for i, g in enumerate(self.groups):
             k = g.cotangents.shape[1]
-            channel_bytes = t * k * g.entries_per_channel * g.cotangents.element_size()
+            outputs = [slice(a, a + 1) for a in range(k)] if per_output else [slice(0, k)]
+            width = 1 if per_output else k
+            channel_bytes = t * width * g.entries_per_channel * g.cotangents.element_size()
             step = max(1, min(g.channels, _PIECE_BYTES // max(channel_bytes, 1)))
-            out += [(i, slice(c, min(c + step, g.channels))) for c in range(0, g.channels, step)]
+            out += [
+                Piece(i, a, slice(c, min(c + step, g.channels)))
+                for a in outputs
+                for c in range(0, g.channels, step)
+            ]
         return out
 
-    def piece_numel(self, group: int, channels: slice) -> int:
-        """Entries of the piece of ``group``'s ``channels`` for all samples."""
-        g = self.groups[group]
-        n_channels = len(range(g.channels)[channels])
-        return len(self) * g.cotangents.shape[1] * n_channels * g.entries_per_channel
+    def piece_numel(self, piece: Piece) -> int:
+        """Entries of ``piece`` for all samples."""
+        g = self.groups[piece.group]
+        n_outputs = len(range(g.cotangents.shape[1])[piece.outputs])
+        n_channels = len(range(g.channels)[piece.channels])
+        return len(self) * n_outputs * n_channels * g.entries_per_channel
 
-    def formed(self, buffer: Tensor, group: int, channels: slice) -> Tensor:
-        """The piece of ``group``'s ``channels`` (T, K, P'), formed at the start of
-        ``buffer``."""
-        g = self.groups[group]
-        piece = buffer[: self.piece_numel(group, channels)].view(
-            len(self), g.cotangents.shape[1], -1
-        )
-        self.write(piece, group, channels)
-        return piece
-
-    def write(self, out: Tensor, group: int, channels: slice) -> None:
-        """The gradients of ``group``'s ``channels`` for all samples into ``out`` (T, K, P')."""
+    def formed(self, buffer: Tensor, piece: Piece) -> Tensor:
+        """The gradients of ``piece`` (T, K', P'), formed at the start of ``buffer``."""
+        g = self.groups[piece.group]
+        n_outputs = len(range(g.cotangents.shape[1])[piece.outputs])
+        grads = buffer[: self.piece_numel(piece)].view(len(self), n_outputs, -1)
         offset = 0
         for chunk in self.chunks:
-            n = len(chunk[group])
-            chunk[group].write(out[offset : offset + n], channels)
+            n = len(chunk[piece.group])
+            chunk[piece.group].write(grads[offset : offset + n], piece.channels, piece.outputs)
             offset += n
+        return grads
+
+
+class Piece(NamedTuple):
+    """A part of a tile's streamed gradients: one group's ``channels`` for ``outputs``."""
+
+    group: int
+    outputs: slice
+    channels: slice
 
 
 Feature = Tensor | GramFeatures | WeightedGrads | StreamedGrads
