@@ -521,6 +521,8 @@ class LayerwisePlan:
         Row-major (T·K, P), so that every contraction reads it without a copy. A use that
         sees each entry at most once is gathered row by row (``index_select`` over P); only
         a use that repeats entries is scattered (``index_add_`` entries first, one transpose).
+        An embedding's gradients are added last, at the entries its tokens select
+        (``scatter_add_``), instead of formed through a one-hot product and copied in.
         """
         k = self.n_outputs
         like = parts[0][0].output
@@ -528,13 +530,19 @@ class LayerwisePlan:
         n_entries = math.prod(entry.shape) if entry else self.params[group.key].numel()
         rows: Tensor | None = None
         repeated: Tensor | None = None
-        for i, (u, lay) in zip(group.uses, parts, strict=True):
+        used = list(zip(group.uses, parts, strict=True))
+        dense = [(i, u, lay) for i, (u, lay) in used if u.rule != "embedding"]
+        lookups = [(u, lay) for _, (u, lay) in used if u.rule == "embedding"]
+        for i, u, lay in dense:
             g = _use_grads(u, lay, cotangents[id(u.output)], t).reshape(t * k, -1)
             flat = u.idx.reshape(-1).to(like.device)
             if i not in self.gathers:
                 self.gathers[i] = _gather_index(flat, n_entries)
             source = self.gathers[i]
-            if source is not None and _plain_view(u.idx, self.aranges.get(group.key)):
+            arange = self.aranges.get(group.key)
+            if rows is None and _whole_tensor(u.idx, arange):  # the use's layout is the tensor's
+                rows = g
+            elif source is not None and _plain_view(u.idx, arange):
                 # a strided view of the tensor (.T, a slice): a strided copy, not a gather
                 by_entry = g.view(t * k, *u.idx.shape)
                 if rows is None:
@@ -556,6 +564,14 @@ class LayerwisePlan:
             rows = torch.zeros(t * k, n_entries, dtype=like.dtype, device=like.device)
         if repeated is not None:
             rows += repeated.T
+        for u, lay in lookups:  # added where the tokens point, not through a one-hot product
+            tokens, cot = _gram_parts(u, lay, cotangents[id(u.output)], t)
+            dim, length = cot.shape[3], cot.shape[4]
+            entries = (
+                u.idx[0].to(tokens.device, torch.long)[:, tokens].permute(1, 0, 2)
+            )  # (T, d, L)
+            index = entries.reshape(t, 1, dim * length).expand(t, k, dim * length)
+            rows.view(t, k, n_entries).scatter_add_(2, index, cot.reshape(t, k, dim * length))
         return rows.view(t, k, n_entries)
 
     def _weight_norm_features(self, group: _Group, inputs: Tensor, cot: Tensor) -> list[Feature]:
@@ -763,6 +779,17 @@ def _plain_view(idx: Tensor, arange: Tensor | None) -> bool:
     if arange is None or (0 in idx.stride() and idx.numel() > 1):
         return False
     return idx.untyped_storage().data_ptr() == arange.untyped_storage().data_ptr()
+
+
+def _whole_tensor(idx: Tensor, arange: Tensor | None) -> bool:
+    """Whether ``idx`` is the tensor's own index map itself: entry i at position i."""
+    return (
+        _plain_view(idx, arange)
+        and arange is not None
+        and idx.numel() == arange.numel()
+        and idx.is_contiguous()
+        and idx.storage_offset() == arange.storage_offset()
+    )
 
 
 def _overlap(maps: list[Tensor]) -> bool:
