@@ -146,6 +146,17 @@ class TiedEmbedding(nn.Module):
         return h[:, -1] @ self.embed.weight.T
 
 
+class TiedPaddedEmbedding(nn.Module):
+    """A tied embedding with a padding index: its row gets gradients from the head only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3, padding_idx=0)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return torch.tanh(self.embed(tokens)).mean(1) @ self.embed.weight.T
+
+
 class PaddedEmbedding(nn.Module):
     """An embedding with a padding index, untied, then a Linear."""
 
@@ -346,6 +357,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], Tensor], s
     "gpt2-conv1d": (Gpt2Block, lambda n, s: _randn(n, s, 3, 4), set()),
     "tied-embedding": (TiedEmbedding, tokens, set()),
     "padded-embedding": (PaddedEmbedding, padded_tokens, set()),
+    "tied-padded-embedding": (TiedPaddedEmbedding, padded_tokens, set()),
     "encoder-layer": (Encoder, lambda n, s: _randn(n, s, 3, 4), set()),
     "attention": (Attention, lambda n, s: _randn(n, s, 3, 4), set()),
     "conv-transpose": (Transposed, lambda n, s: _randn(n, s, 2, 3, 3), set()),

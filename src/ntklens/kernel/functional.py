@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -104,11 +105,23 @@ class _Portable(TorchFunctionMode):
 
     Being active at all also turns off the inference fast paths of
     ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (they check for torch
-    function overrides), whose fused kernels have no forward AD.
+    function overrides), whose fused kernels have no forward AD. An embedding's padding
+    positions are cut from its weight's forward-mode derivative, as reverse mode cuts
+    them from its gradient (torch's jvp keeps them: a tied head's vjp, pushed forward,
+    would count the padding row).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func is F.embedding:
+            padding = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+            out = func(*args, **kwargs)
+            if padding is None:
+                return out
+            tokens = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            padded = (tokens == padding % weight.shape[0]).unsqueeze(-1)
+            return torch.where(padded, out.detach(), out)
         if func is torch._weight_norm:
             v, g = args[0], args[1]
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
