@@ -105,6 +105,20 @@ class EinsumMlp(nn.Module):
         return torch.einsum("oi,bi->bo", self.w2, h)
 
 
+class EinsumSequence(nn.Module):
+    """Einsum with the output channel before positions ("bli,oi->bol"), then a weight
+    contracted with a sum over positions in the same call ("bol,ko->bk")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(5, 4) / 2)  # (out, in)
+        self.w2 = nn.Parameter(torch.randn(2, 5) / 2)  # (out, in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(torch.einsum("bli,oi->bol", x, self.w1))
+        return torch.einsum("bol,ko->bk", h, self.w2)
+
+
 class Conv1D(nn.Module):
     """GPT-2's Conv1D: weight stored (in, out), ``addmm`` on the batch-folded rows."""
 
@@ -354,6 +368,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], Tensor], s
     "ntk-mlp": (NtkMlp, lambda n, s: _randn(n, s, 5), set()),
     "shared-scaled-output": (SharedScaledOutput, lambda n, s: _randn(n, s, 4), set()),
     "einsum-mlp": (EinsumMlp, lambda n, s: _randn(n, s, 5), set()),
+    "einsum-sequence": (EinsumSequence, lambda n, s: _randn(n, s, 3, 4), set()),
     "gpt2-conv1d": (Gpt2Block, lambda n, s: _randn(n, s, 3, 4), set()),
     "tied-embedding": (TiedEmbedding, tokens, set()),
     "padded-embedding": (PaddedEmbedding, padded_tokens, set()),
