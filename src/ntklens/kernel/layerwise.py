@@ -362,7 +362,7 @@ class LayerwisePlan:
         matmul_flops = pair_flops = feature = work = largest_pair = largest_streamed = 0.0
         for g in self.groups:
             f_flops, p_flops, f_elems, p_elems = _group_costs(g, k, self.full)
-            captured = g.n_groups * g.positions * (g.in_dim + k * g.out_dim)
+            captured = _captured_entries(g, k)
             if self._streams(g):  # inputs and cotangents kept, gradients formed in pieces
                 f_elems = captured
                 largest_streamed = max(largest_streamed, k * _grad_entries(g) * size)
@@ -391,13 +391,12 @@ class LayerwisePlan:
         are larger than the inputs and cotangents they are formed from (a sequence layer's
         K·C·D against L·(D + K·C)); a convolution's im2col patches are often the larger,
         and its gradients are then formed once, at capture."""
-        captured = g.n_groups * g.positions * (g.in_dim + self.n_outputs * g.out_dim)
         return (
             g.mode == "grads"
             and g.kind in ("gram", "embedding")
             and g.weight_norm is None
             and g.key not in self.materialized
-            and self.n_outputs * _grad_entries(g) > captured
+            and self.n_outputs * _grad_entries(g) > _captured_entries(g, self.n_outputs)
         )
 
     def kernel(self, model: nn.Module) -> TiledKernel[list[Feature]]:
@@ -533,13 +532,13 @@ class LayerwisePlan:
         used = list(zip(group.uses, parts, strict=True))
         dense = [(i, u, lay) for i, (u, lay) in used if u.rule != "embedding"]
         lookups = [(u, lay) for _, (u, lay) in used if u.rule == "embedding"]
+        arange = self.aranges.get(group.key)
         for i, u, lay in dense:
             g = _use_grads(u, lay, cotangents[id(u.output)], t).reshape(t * k, -1)
             flat = u.idx.reshape(-1).to(like.device)
             if i not in self.gathers:
                 self.gathers[i] = _gather_index(flat, n_entries)
             source = self.gathers[i]
-            arange = self.aranges.get(group.key)
             if rows is None and _whole_tensor(u.idx, arange):  # the use's layout is the tensor's
                 rows = g
             elif source is not None and _plain_view(u.idx, arange):
@@ -1050,8 +1049,9 @@ _PIECE_BYTES = 16 * 2**20
 @dataclass
 class StreamedGrads:
     """The per-sample gradients of a tile's "grads" and embedding groups, formed only
-    while contracted, a piece (a group, or a range of its channels, of at most
-    ``_PIECE_BYTES``) at a time, into buffers reused across pieces and blocks.
+    while contracted, a :class:`Piece` (a range of a group's channels, for all outputs or
+    one, of at most ``_PIECE_BYTES``) at a time, into buffers reused across pieces and
+    blocks.
 
     A tile's gradients are often hundreds of MiB, and writing them into fresh memory costs
     about four times forming them (page faults: 25 ms against 6.5 ms for 52 MiB on 2
@@ -1110,18 +1110,18 @@ class StreamedGrads:
             ]
         return out
 
+    def _outputs(self, piece: Piece) -> int:
+        return len(range(self.groups[piece.group].cotangents.shape[1])[piece.outputs])
+
     def piece_numel(self, piece: Piece) -> int:
         """Entries of ``piece`` for all samples."""
         g = self.groups[piece.group]
-        n_outputs = len(range(g.cotangents.shape[1])[piece.outputs])
         n_channels = len(range(g.channels)[piece.channels])
-        return len(self) * n_outputs * n_channels * g.entries_per_channel
+        return len(self) * self._outputs(piece) * n_channels * g.entries_per_channel
 
     def formed(self, buffer: Tensor, piece: Piece) -> Tensor:
         """The gradients of ``piece`` (T, K', P'), formed at the start of ``buffer``."""
-        g = self.groups[piece.group]
-        n_outputs = len(range(g.cotangents.shape[1])[piece.outputs])
-        grads = buffer[: self.piece_numel(piece)].view(len(self), n_outputs, -1)
+        grads = buffer[: self.piece_numel(piece)].view(len(self), self._outputs(piece), -1)
         offset = 0
         for chunk in self.chunks:
             n = len(chunk[piece.group])
@@ -1346,6 +1346,11 @@ def _add_shared_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) 
     block.add_(a1.reshape(len(a1), -1) @ y.reshape(len(y), -1).T)
     if f1.bias:
         block.add_(f1.bias * gamma.sum())
+
+
+def _captured_entries(g: _Group, k: int) -> int:
+    """Entries per sample of the inputs and K cotangents that ``g``'s capture keeps."""
+    return g.n_groups * g.positions * (g.in_dim + k * g.out_dim)
 
 
 def _grad_entries(g: _Group) -> int:
