@@ -543,6 +543,22 @@ def test_per_sample_costs_leave_out_per_call_work() -> None:
     assert probes[0].forward_flops == pytest.approx(probes[1].forward_flops)
 
 
+def test_probe_counts_forward_flops_of_matmuls_and_convolutions() -> None:
+    """Per-sample forward FLOPs against their closed form: 2·in·out per Linear, 2·C_in·C_out
+    ·k²·H·W per convolution; elementwise maps count nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 7),
+        nn.Tanh(), nn.Linear(7, 4),
+    )  # fmt: skip
+    x = torch.randn(4, 2, 5, 5)
+    with eval_mode(model):
+        probe = LayerwisePlan.probe(model, x, n_pairs=2.0, full=False)[1]
+    expected = 2 * 2 * 3 * 9 * 5 * 5 + 2 * 75 * 7 + 2 * 7 * 4
+    assert probe.forward_flops == pytest.approx(expected)
+    assert probe.n_outputs == 4
+
+
 def test_weight_norm_biases_fold_into_their_weights_features() -> None:
     """A weight-normed Linear's bias is contracted with its weight's features, not as a
     group of its own (the kernel itself is checked in the "weight-norm" case)."""
@@ -596,9 +612,13 @@ class SwitchedHead(nn.Module):
         return torch.where(x[:, :1] > 5, self.head_b(h), self.head_a(h))
 
 
-def test_gated_cotangents_fall_back_where_a_tile_does_not_factor() -> None:
+def test_gated_cotangents_fall_back_where_a_tile_does_not_factor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The probe samples (the first three) all take head a, so the plan prices the hidden
-    layer as gated; the tiles holding a head-b sample must not use that structure."""
+    layer as gated (factoring made free, so that it pays on so few pairs); the tiles
+    holding a head-b sample must not use that structure."""
+    monkeypatch.setattr(layerwise, "_FACTORING_FLOPS", 0)
     torch.manual_seed(0)
     model = SwitchedHead().double()
     x = _randn(6, 4, 4)
@@ -609,6 +629,38 @@ def test_gated_cotangents_fall_back_where_a_tile_does_not_factor() -> None:
     for x2 in (None, _randn(3, 5, 4)):
         kernel = ntklens.ntk(model, x, x2, output="trace", method="layerwise")
         assert_close(kernel, reference_kernel(model, x, x2, "trace"))
+
+
+@pytest.mark.parametrize("build", [NtkMlp, weight_norm_mlp], ids=["ntk-mlp", "weight-norm"])
+def test_gated_one_position_products_match(
+    build: Callable[[], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-position uses with gated cotangents (an elementwise map, then a linear head)
+    and shared ones (the head): the factored trace products, the weight-norm correction
+    and folded bias among them, against the explicit Jacobian."""
+    monkeypatch.setattr(layerwise, "_FACTORING_FLOPS", 0)
+    torch.manual_seed(0)
+    model = build().double()
+    x = _randn(7, 1, 5)
+    with eval_mode(model):
+        plan, _ = LayerwisePlan.probe(model, x, n_pairs=3.0, full=False)
+    assert any("gated cotangents" in rule for rule in plan.rules.values()), plan.rules
+    for x2 in (None, _randn(4, 2, 5)):
+        kernel = ntklens.ntk(model, x, x2, output="trace", method="layerwise")
+        assert_close(kernel, reference_kernel(model, x, x2, "trace"))
+
+
+def test_gating_is_priced_against_its_factoring() -> None:
+    """Factoring one-position cotangents pays on many pairs per sample, not on a few."""
+    torch.manual_seed(0)
+    model = NtkMlp().double()
+    x = _randn(4, 3, 5)
+    rules = {}
+    with eval_mode(model):
+        for n_pairs in (2.0, 1e5):
+            plan, _ = LayerwisePlan.probe(model, x, n_pairs=n_pairs, full=False)
+            rules[n_pairs] = plan.rules["w2"]
+    assert "gated cotangents" not in rules[2.0] and "gated cotangents" in rules[1e5], rules
 
 
 def test_gated_factors_reproduce_the_cotangents_or_refuse() -> None:

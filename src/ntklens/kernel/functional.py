@@ -11,17 +11,19 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._ops import HigherOrderOperator
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 
 from ntklens.errors import NtkLensError
 
@@ -196,26 +198,25 @@ def per_sample(small: ModelProbe, large: ModelProbe, n_small: int, n_large: int)
     )
 
 
-class _UnattributedModules:
-    """Stands in for FlopCounterMode's ModuleTracker: every FLOP goes to "Global" alone."""
-
-    parents = frozenset({"Global"})
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-class _TotalFlopCounter(FlopCounterMode):
-    """torch's FLOP counter without per-module attribution, which only the total needs:
-    its module tracker hooks every module call forward and backward, about half the
-    probe's time on a small model with many modules."""
+class _FlopCounter(TorchDispatchMode):
+    """The forward FLOPs of every operator torch has a formula for (its ``flop_registry``:
+    matmuls, convolutions, attention). Lighter than ``FlopCounterMode``, whose per-operator
+    bookkeeping (module attribution, decomposition attempts) costs more than the probe's
+    operators themselves on a small batch."""
 
     def __init__(self) -> None:
-        super().__init__(display=False)
-        self.mod_tracker = _UnattributedModules()  # type: ignore[assignment]
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if isinstance(func, HigherOrderOperator):  # as FlopCounterMode: not counted
+            return NotImplemented
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 class _ActivationCounter(TorchFunctionMode):
@@ -233,35 +234,24 @@ class _ActivationCounter(TorchFunctionMode):
         return out
 
 
-def probe_model(
-    model: nn.Module,
-    x: Tensor,
-    also: TorchFunctionMode | None = None,
-    n_samples: int = 2,
-    outputs: list[Tensor] | None = None,
-) -> ModelProbe:
-    """Forward FLOPs, activation bytes and output count per sample of ``model`` on ``x``.
-
-    ``also``: another mode to observe the same forward pass (which runs with autograd on,
-    as in a real computation); ``outputs``: a list that receives the model's output.
-    """
+def probe_model(model: nn.Module, x: Tensor, n_samples: int = 2) -> ModelProbe:
+    """Forward FLOPs, activation bytes and output count per sample of ``model`` on the
+    first ``n_samples`` of ``x``: autograd on and math SDPA, as in the kernel methods."""
     batch = x[:n_samples]
     counter = _ActivationCounter()
     with (
         torch.enable_grad(),
-        _TotalFlopCounter() as flops,
+        sdpa_kernel(SDPBackend.MATH),
+        _FlopCounter() as flops,
         counter,
-        also if also is not None else nullcontext(),
     ):
         out = model_output(model, batch)
-    if outputs is not None:
-        outputs.append(out)
     params = trainable_parameters(model)
     element_size = next(iter(params.values())).element_size()
     return ModelProbe(
         n_outputs=math.prod(out.shape[1:]),
         n_params=sum(p.numel() for p in params.values()),
-        forward_flops=flops.get_total_flops() / len(batch),
+        forward_flops=flops.total / len(batch),
         activation_bytes=counter.numel * element_size / len(batch),
         element_size=element_size,
     )

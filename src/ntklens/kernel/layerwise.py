@@ -51,7 +51,14 @@ from ntklens.kernel.jacobian import (
     jacobian_cost,
     per_sample_jacobians,
 )
-from ntklens.kernel.parametrized import Materialized, find_materialized, materialized, pull_back
+from ntklens.kernel.parametrized import (
+    Materialized,
+    WeightNormed,
+    find_materialized,
+    find_weight_norms,
+    materialized,
+    pull_back,
+)
 from ntklens.kernel.rules import GRAM_RULES, Layout, Recorder, Use, WeightNorm, find_layout
 from ntklens.kernel.tiling import Cost, Footprint, TiledKernel
 
@@ -150,12 +157,26 @@ class GramFeatures:
 
 @dataclass
 class WeightedGrads:
-    """Per-sample vectors h (T, K, C) contracted as Σ_c w_c h_iac h_jbc; h·w is formed
-    once per tile (on first use), not per block."""
+    """Per-sample vectors h (T, K, E) contracted as Σ_e w_e h_iae h_jbe.
 
-    h: Tensor
+    Where they come from gated cotangents, h_iae = γ_ie u_ae: ``gates`` (T, E) times
+    ``directions`` (K, E) common to the samples, and a traced pair of gated tiles costs E
+    in place of K·E; h is then formed only against a tile that is not gated. h·w is
+    formed once per tile (on first use), not per block.
+    """
+
     w: Tensor
+    dense: Tensor | None = None
+    gates: Tensor | None = None
+    directions: Tensor | None = None
     _weighted: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def h(self) -> Tensor:
+        if self.dense is None:
+            assert self.gates is not None and self.directions is not None
+            self.dense = self.gates[:, None] * self.directions[None]
+        return self.dense
 
     @property
     def weighted(self) -> Tensor:
@@ -164,15 +185,31 @@ class WeightedGrads:
         return self._weighted
 
     def __len__(self) -> int:
-        return len(self.h)
+        return len(self.gates if self.gates is not None else self.h)
 
     def __getitem__(self, rows: slice) -> WeightedGrads:
-        return WeightedGrads(self.h[rows], self.w, self.weighted[rows])
+        if self.gates is not None:
+            return WeightedGrads(self.w, gates=self.gates[rows], directions=self.directions)
+        return WeightedGrads(self.w, self.h[rows], _weighted=self.weighted[rows])
 
     @staticmethod
     def join(parts: list[WeightedGrads]) -> WeightedGrads:
         """The vectors of consecutive chunks of samples as one."""
-        return WeightedGrads(torch.cat([p.h for p in parts]), parts[0].w)
+        first = parts[0]
+        if all(p.gates is not None and p.directions is first.directions for p in parts):
+            gates = torch.cat([p.gates for p in parts])  # type: ignore[misc]
+            return WeightedGrads(first.w, gates=gates, directions=first.directions)
+        return WeightedGrads(first.w, torch.cat([p.h for p in parts]))
+
+
+def _add_weighted_product(block: Tensor, a: WeightedGrads, b: WeightedGrads) -> None:
+    """Add Σ_e w_e h_iae h'_jbe to the block (traced over a = b if 2-D)."""
+    if block.dim() == 2 and a.gates is not None and b.gates is not None:
+        assert a.directions is not None and b.directions is not None
+        mixed = a.w * (a.directions * b.directions).sum(0)  # Σ_a u_ae u'_ae w_e
+        block.addmm_(a.gates * mixed, b.gates.T)
+    else:
+        add_jacobian_product(block, a.weighted, b.h)
 
 
 @dataclass
@@ -196,9 +233,13 @@ class LayerwisePlan:
     aranges: dict[str, Tensor] = field(repr=False, default_factory=dict)
     #: parametrized tensors whose uses are recorded on the materialized weight, by key
     materialized: dict[str, Materialized] = field(repr=False, default_factory=dict)
+    #: weight-normed tensors, materialized likewise, whose uses the weight-norm rule covers
+    weight_norms: dict[str, WeightNormed] = field(repr=False, default_factory=dict)
     #: per scattered use (by index): where each entry comes from, or None if it repeats
     #: entries; batch-independent, so computed once, not per tile
     gathers: dict[int, Tensor | None] = field(repr=False, default_factory=dict)
+    #: per weight-normed tensor: (u, c, w) of :meth:`_weight_norm_features`, computed once
+    normalized: dict[str, tuple[Tensor, Tensor, Tensor]] = field(repr=False, default_factory=dict)
     #: reused memory that streamed gradients are formed into, by side of a block
     buffers: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
@@ -215,51 +256,64 @@ class LayerwisePlan:
 
         The batches hold samples (s0, s1) and (s1, s0, s2) of ``x`` (then ``x2``, repeated
         if there are fewer). ``n_pairs`` (sample pairs per sample featurized) weighs
-        per-sample work against per-pair work. The same passes measure the model's
-        per-sample costs (their difference), returned with the plan.
+        per-sample work against per-pair work. Two more forward passes on the same
+        batches measure the model's per-sample costs (their difference), returned with the
+        plan: counting operators inside the recording would count its bookkeeping too.
         """
         params = trainable_parameters(model)
         pool = x[:3] if x2 is None or len(x) >= 3 else torch.cat([x[:3], x2[: 3 - len(x)]])
         samples = pool[[0 % len(pool), 1 % len(pool), 2 % len(pool)]]
+        batch_a, batch_b = samples[[0, 1]], samples[[1, 0, 2]]
         aranges: dict[str, Tensor] = {}
-        entries = find_materialized(model, params)
-        with materialized(entries) as weights:
-            rec_a, rec_b = Recorder(params | weights, aranges), Recorder(params | weights, aranges)
-            probe_a = probe_model(model, samples[[0, 1]], also=rec_a)
-            outputs: list[Tensor] = []
-            probe_b = probe_model(model, samples[[1, 0, 2]], rec_b, _PROBE_B, outputs)
+        entries, norms = find_materialized(model, params), find_weight_norms(model, params)
+        derived = {key: w.norm for key, w in norms.items()}
+        with materialized(entries, norms) as weights:  # once for the four passes
+            rec_a, _ = _recorded(model, batch_a, params | weights, derived, aranges)
+            rec_b, out_b = _recorded(model, batch_b, params | weights, derived, aranges)
+            # per-call work (materializing the weights) is not a per-sample cost
+            probe_a = probe_model(model, batch_a, _PROBE_A)
+            probe_b = probe_model(model, batch_b, _PROBE_B)
         probe = per_sample(probe_a, probe_b, _PROBE_A, _PROBE_B)
-        _detach_shared_chains(rec_a.uses, rec_b.uses, outputs[0])
+        _detach_shared_chains(rec_a.uses, rec_b.uses, out_b)
         plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full, entries)
         plan.aranges = aranges
-        plan._price_cotangents(model, samples[[1, 0, 2]], n_pairs)
+        used = {g.key for g in plan.groups}
+        plan.weight_norms = {key: w for key, w in norms.items() if key in used}
+        plan._price_cotangents(rec_b.uses, out_b, n_pairs)
         return plan, probe
 
-    def _price_cotangents(self, model: nn.Module, x: Tensor, n_pairs: float) -> None:
-        """Find each Gram group's cotangent structure on the probe batch ``x`` and choose
-        its mode again with the contraction that structure allows. Only a guide to the
-        cost: every tile checks its own cotangents before a structured contraction."""
+    def _price_cotangents(self, uses: list[Use], out: Tensor, n_pairs: float) -> None:
+        """Find each Gram group's cotangent structure on the probe batch (its recorded
+        ``uses`` and output ``out``) and choose its mode again with the contraction that
+        structure allows. Only a guide to the cost: every tile checks its own cotangents
+        before a structured contraction."""
         priced = [
             i
             for i, g in enumerate(self.groups)
-            if g.kind == "gram" and g.weight_norm is None and g.key not in self.materialized
+            if g.kind == "gram" and g.key not in self.materialized
         ]
         if not priced:
             return
-        uses, cotangents = self._capture(model, x)
+        cotangents = self._cotangents(uses, out)
         for i in priced:
             group = self.groups[i]
             parts = [
-                _gram_parts(uses[u], self.layouts[u], cotangents[id(uses[u].output)], len(x))[1]
+                _gram_parts(uses[u], self.layouts[u], cotangents[id(uses[u].output)], len(out))[1]
                 for u in group.uses
             ]
-            structure = _cotangent_structure(torch.cat(parts, dim=-1))
+            gating = not self.full and _gating_pays(group, self.n_outputs, n_pairs)
+            structure = _cotangent_structure(torch.cat(parts, dim=-1), gating)
             if structure == group.cotangents:
                 continue
             group = replace(group, cotangents=structure)
-            self.groups[i] = group = _cheaper_mode(group, self.n_outputs, n_pairs, self.full)
+            if group.weight_norm is None:  # a weight-norm group has its Gram rule alone
+                group = _cheaper_mode(group, self.n_outputs, n_pairs, self.full)
+            self.groups[i] = group
             same_key = [g for g in self.groups if g.key == group.key]
-            self.rules[group.key] = " + ".join(_describe(g, uses) for g in same_key)
+            rule = " + ".join(_describe(g, uses) for g in same_key)
+            wn = group.weight_norm
+            for name in [wn.v, wn.g] if wn is not None else [group.key]:
+                self.rules[name] = rule
             if group.bias is not None:
                 self.rules[group.bias] = _describe_bias(group)
 
@@ -440,12 +494,9 @@ class LayerwisePlan:
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
-        with materialized(self.materialized) as weights:
-            recorder = Recorder(self.params | weights, self.aranges)
-            # math SDPA: the flash kernel's backward has no batching rule, so the batched
-            # backward below would loop over the K outputs
-            with torch.enable_grad(), recorder, sdpa_kernel(SDPBackend.MATH):
-                out = model_output(model, x).reshape(len(x), -1)
+        with materialized(self.materialized, self.weight_norms) as weights:
+            derived = {key: w.norm for key, w in self.weight_norms.items()}
+            recorder, out = _recorded(model, x, self.params | weights, derived, self.aranges)
         uses = recorder.uses
         if [u.signature for u in uses] != self.signatures or any(
             layout is not None and u.source.shape[layout.axis] != len(x) * layout.fold
@@ -455,6 +506,11 @@ class LayerwisePlan:
                 f"the model made other calls on a batch of {len(x)} than on the probe "
                 "batches (data-dependent control flow?); use method='jacobian'"
             )
+        return uses, self._cotangents(uses, out)
+
+    def _cotangents(self, uses: list[Use], out: Tensor) -> dict[int, Tensor]:
+        """The cotangents of all K outputs ``out`` (T, K) at the recorded uses' outputs
+        that the groups need, by the output's id: one batched backward pass."""
         needed = sorted(
             {i for g in self.groups for i in g.uses}
             | {i for g in self.groups if g.bias for i, u in enumerate(uses) if u.key == g.bias}
@@ -462,8 +518,8 @@ class LayerwisePlan:
         outputs: dict[int, Tensor] = {}
         for i in needed:
             outputs.setdefault(id(uses[i].output), uses[i].output)
-        k = self.n_outputs
-        basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, len(x), k)
+        k, t = self.n_outputs, len(out)
+        basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, t, k)
         grads = torch.autograd.grad(
             out,
             list(outputs.values()),
@@ -472,7 +528,7 @@ class LayerwisePlan:
             allow_unused=True,
             materialize_grads=True,
         )
-        return uses, dict(zip(outputs, grads, strict=True))
+        return dict(zip(outputs, grads, strict=True))
 
     def _group_features(
         self, group: _Group, uses: list[Use], cotangents: dict[int, Tensor], t: int
@@ -496,7 +552,7 @@ class LayerwisePlan:
         if group.weight_norm is not None:
             return self._weight_norm_features(group, inputs, cot)
         if group.mode == "gram":
-            shared = bool(torch.equal(cot, cot[:1].expand_as(cot)))
+            shared = group.cotangents == "shared" and _same_for_all(cot)
             gated = group.cotangents == "gated" and not self.full
             return [GramFeatures(inputs, None, cot, group.bias_square, shared, gated)]
         if group.bias is not None:  # the bias as one more input, constant c
@@ -575,24 +631,59 @@ class LayerwisePlan:
 
     def _weight_norm_features(self, group: _Group, inputs: Tensor, cot: Tensor) -> list[Feature]:
         """Θ = Σ_r c_r² ⟨gW_r, gW'_r⟩ + (1 - c_r²)(u_r·gW_r)(u_r·gW'_r), W_r = g_r u_r,
-        u_r = v_r/‖v_r‖, c_r = g_r/‖v_r‖: the weight's Gram and a rank-C correction; then
-        a folded bias's per-sample gradients Σ_l G_l."""
+        u_r = v_r/‖v_r‖, c_r = g_r/‖v_r‖: the weight's Gram and a rank-C correction,
+        with a folded bias's per-sample gradients Σ_l G_l (weight c² for an input c)
+        beside it. Shared or gated cotangents (one position, a trace kernel) keep the
+        correction factored: shared ones are gated with gates 1."""
+        u, c, w = self._normalized(group)
+        au = F.linear(inputs[:, 0].transpose(1, 2), u).transpose(1, 2)  # (T, C, L)
+        n_vectors, (t, k, _, n_rows, length) = len(w) // len(c), cot.shape
+        scale = c[:, None]
+        scaled = cot * scale
+        shared = group.cotangents == "shared" and _same_for_all(scaled)
+        factors = None
+        if not self.full and length == 1:
+            if shared:
+                factors = (cot.new_ones(t, 1, n_rows, 1), cot[0])
+            elif group.cotangents == "gated":
+                factors = _gated_factors(cot)
+        if factors is not None and not shared:
+            gram = GramFeatures(inputs, None, scaled, 0.0, False, True)
+            gram._factors = (factors[0], factors[1] * scale)
+        else:
+            gram = GramFeatures(inputs, None, scaled, bias=0.0, shared=shared)
+        if factors is not None:
+            gates, directions = factors[0][:, 0, :, 0], factors[1][:, 0, :, 0]  # (T, C), (K, C)
+            stacked = gates.new_empty(t, n_vectors * n_rows)
+            torch.mul(gates, au[..., 0], out=stacked[:, :n_rows])
+            stacked[:, n_rows:] = gates
+            d = directions.repeat(1, n_vectors)
+            return [gram, WeightedGrads(w, gates=stacked, directions=d)]
+        vectors = cot.new_empty(t, k, n_vectors * n_rows)
+        g = cot[:, :, 0]  # (T, K, C, L)
+        if length == 1:
+            torch.mul(g[..., 0], au[:, None, :, 0], out=vectors[..., :n_rows])
+            vectors[..., n_rows:] = g[..., 0]
+        else:
+            torch.einsum("tkcl,tcl->tkc", g, au, out=vectors[..., :n_rows])
+            torch.sum(g, dim=-1, out=vectors[..., n_rows:])
+        return [gram, WeightedGrads(w, vectors)]
+
+    def _normalized(self, group: _Group) -> tuple[Tensor, Tensor, Tensor]:
+        """(u (C, D), c (C,), w): a weight-normed tensor's directions, scales and the
+        weights of its correction (1 - c²) and folded bias (c² of its input)."""
         wn = group.weight_norm
         assert wn is not None
-        v = self.params[wn.v].detach()
-        v = v.reshape(len(v), -1)
-        norm = v.norm(dim=1)
-        c = self.params[wn.g].detach().reshape(-1) / norm
-        u = v / norm[:, None]
-        scaled = cot * c[None, None, None, :, None]
-        au = torch.einsum("tdl,cd->tcl", inputs[:, 0], u)
-        h = torch.einsum("tkcl,tcl->tkc", cot[:, :, 0], au)
-        shared = bool(torch.equal(scaled, scaled[:1].expand_as(scaled)))
-        gram = GramFeatures(inputs, None, scaled, bias=0.0, shared=shared)
-        features: list[Feature] = [gram, WeightedGrads(h, 1 - c * c)]
-        if group.bias is not None:
-            features.append(_scaled(cot[:, :, 0].sum(-1), math.sqrt(group.bias_square)))
-        return features
+        if group.key not in self.normalized:
+            v = self.params[wn.v].detach()
+            v = v.reshape(len(v), -1)
+            norm = v.norm(dim=1)
+            c = self.params[wn.g].detach().reshape(-1) / norm
+            weights = [1 - c * c]
+            if group.bias is not None:
+                weights.append(c.new_full(c.shape, group.bias_square))
+            self.normalized[group.key] = (v / norm[:, None], c, torch.cat(weights))
+        return self.normalized[group.key]
 
     def contract(self, f1: list[Feature], f2: list[Feature]) -> Tensor:
         """The kernel block between two tiles: the sum of every group's contribution."""
@@ -606,7 +697,7 @@ class LayerwisePlan:
         and tile, for all blocks."""
         first = f1[0]
         like = first.cotangents if isinstance(first, GramFeatures) else first
-        like = like.h if isinstance(like, WeightedGrads) else like
+        like = like.w if isinstance(like, WeightedGrads) else like
         like = like.groups[0].cotangents if isinstance(like, StreamedGrads) else like
         n1, n2 = len(first), len(f2[0])
         out = [
@@ -622,7 +713,7 @@ class LayerwisePlan:
                     if isinstance(a, GramFeatures) and isinstance(b, GramFeatures):
                         _add_gram_product(block, a[r], b[c])
                     elif isinstance(a, WeightedGrads) and isinstance(b, WeightedGrads):
-                        add_jacobian_product(block, a.weighted[r], b.h[c])
+                        _add_weighted_product(block, a[r], b[c])
                     else:
                         assert isinstance(a, Tensor) and isinstance(b, Tensor)
                         add_jacobian_product(block, a[r], b[c])
@@ -660,6 +751,24 @@ class LayerwisePlan:
 
 
 # --- plan ----------------------------------------------------------------------------
+
+
+def _recorded(
+    model: nn.Module,
+    x: Tensor,
+    tracked: dict[str, Tensor],
+    derived: dict[str, WeightNorm],
+    aranges: dict[str, Tensor],
+) -> tuple[Recorder, Tensor]:
+    """One forward pass of ``model`` on ``x`` that records the uses of the ``tracked``
+    tensors (parameters and materialized weights, weight-normed ones ``derived``), and
+    its output (T, K) on the autograd graph."""
+    recorder = Recorder(tracked, aranges, derived)
+    # math SDPA: the flash kernel's backward has no batching rule, so the batched
+    # backward of the K outputs would loop over them
+    with torch.enable_grad(), recorder, sdpa_kernel(SDPBackend.MATH):
+        out = model_output(model, x).reshape(len(x), -1)
+    return recorder, out
 
 
 def _detach_shared_chains(uses_a: list[Use], uses_b: list[Use], out: Tensor) -> None:
@@ -708,9 +817,10 @@ def _key_groups(
         if len(classes) != 1 or _family(uses[indices[0]]) != "gram":
             return None
         first = uses[indices[0]]
-        if first.idx.shape[0] != 1 or not torch.equal(
+        identity = _whole_tensor(first.idx, arange) or torch.equal(
             first.idx.reshape(-1), torch.arange(first.idx.numel(), dtype=first.idx.dtype)
-        ):
+        )
+        if first.idx.shape[0] != 1 or not identity:
             return None
     if not (len(classes) == 1 and _plain_view(uses[classes[0][0]].idx, arange)) and _overlap(
         [uses[cls[0]].idx for cls in classes]
@@ -865,14 +975,13 @@ def _describe(g: _Group, uses: list[Use], entry: Materialized | None = None) -> 
     what = ", ".join(rules) + (f" ×{n}" if n > 1 else "")
     if entry is not None:
         return f"{what} of {entry.key} = {entry.via}(…) (per-sample gradients, then its vjp)"
-    if g.weight_norm is not None:
-        return f"weight_norm of {what} (gram)"
     if g.kind == "scatter":
         return f"{what} (per-sample gradients, overlapping views)"
     if g.mode == "grads":
         return f"{what} (per-sample gradients)"
     structure = {"shared": ", shared cotangents", "gated": ", gated cotangents"}
-    return f"{what} (gram{structure.get(g.cotangents, '')})"
+    gram = f"(gram{structure.get(g.cotangents, '')})"
+    return f"weight_norm of {what} {gram}" if g.weight_norm is not None else f"{what} {gram}"
 
 
 def _describe_bias(g: _Group) -> str:
@@ -1223,7 +1332,7 @@ def _add_gram_product(block: Tensor, f1: GramFeatures, f2: GramFeatures) -> None
     s = _input_gram(f1, f2)
     if f1.bias:
         s += f1.bias
-    if not full and s.dim() == 5 and f1.gated and f2.gated:
+    if not full and f1.gated and f2.gated:
         factors1, factors2 = f1.factors(), f2.factors()
         if factors1 is not None and factors2 is not None:
             _add_gated_gram_product(block, s, factors1, factors2)
@@ -1251,12 +1360,32 @@ def _add_gated_gram_product(
     pair costs Gr·L²·(D + C) in place of Gr·L²·(D + K·C). One position l at a time keeps
     the temporaries at T·Gr·C·L."""
     (gates1, u1), (gates2, u2) = gated1, gated2
+    if s.dim() == 2:  # one group, one position: Σ_c γ_ic U_c γ'_jc
+        mixed = (u1 * u2).sum(0).reshape(-1)
+        gg = (gates1.reshape(len(gates1), -1) * mixed) @ gates2.reshape(len(gates2), -1).T
+        block.addcmul_(gg, s)
+        return
     mixed = torch.einsum("agcl,agcm->glcm", u1, u2)
     for position in range(gates1.shape[-1]):
         weighted = gates2 * mixed[:, position]  # (T2, Gr, C, M)
         rows = gates1[..., position]  # (T1, Gr, C)
         r = torch.einsum("igc,jgcm->gijm", rows, weighted)
         block.add_(torch.einsum("gijm,gijm->ij", s[:, :, position], r))
+
+
+#: Cost of factoring gated cotangents, in matmul FLOPs per cotangent entry (measured: about
+#: 25 elementwise passes over the projections, each far slower per entry than a matmul FLOP).
+_FACTORING_FLOPS = 400
+
+
+def _gating_pays(g: _Group, k: int, n_pairs: float) -> bool:
+    """Whether factoring a gated group's cotangents (per sample, ``_FACTORING_FLOPS`` per
+    entry of its K·Gr·C·L) costs less than it saves on ``n_pairs`` traced pairs per
+    sample: 2(K - 1)·Gr·C·L² each, and as much again per weight-norm correction vector."""
+    saved = 2 * (k - 1) * g.n_groups * g.out_dim * g.positions**2
+    if g.weight_norm is not None and g.positions == 1:
+        saved *= 3 if g.bias is not None else 2
+    return n_pairs * saved > _FACTORING_FLOPS * k * g.n_groups * g.out_dim * g.positions
 
 
 #: Random unit vectors over the K outputs that :func:`_gated_factors` projects on.
@@ -1283,34 +1412,39 @@ def _gated_factors(cot: Tensor) -> tuple[Tensor, Tensor] | None:
     probes = torch.randn(_GATE_PROBES, k, generator=generator, dtype=torch.float64)
     probes = (probes / probes.norm(dim=1, keepdim=True)).to(cot)
     flat = cot.reshape(t, k, -1)
+    # projections (J, T, E): every step below then reads contiguous slabs of T·E entries
     if flat.stride(1) > flat.stride(0):  # outputs outermost (a batch-folded use): one matmul
-        by_output = flat.transpose(0, 1).reshape(k, -1)
-        projected = (probes @ by_output).reshape(len(probes), t, -1).transpose(0, 1)
+        projected = (probes @ flat.transpose(0, 1).reshape(k, -1)).view(len(probes), t, -1)
     else:
-        projected = torch.matmul(probes, flat)  # (T, J, Gr·C·L)
-    largest, probe = projected.abs().max(dim=1)  # over J, then over T
-    sample = largest.argmax(dim=0)
-    probe = probe.gather(0, sample[None])  # (1, E)
-    picked = flat.gather(0, sample[None, None].expand(1, k, -1))[0]
-    gates = projected.gather(1, probe[None].expand(t, 1, -1))[:, 0]  # (T, E)
-    scale = gates.gather(0, sample[None])[0]
-    directions = picked / torch.where(scale == 0, 1.0, scale)
-    residual = projected - gates[:, None] * (probes @ directions)[None]
+        projected = torch.einsum("jk,tke->jte", probes, flat)
+    # per entry the probe with the largest projection; the direction that fits the
+    # samples' vectors best (least squares, weighted by the gates' squares)
+    best = projected.abs().amax(dim=1).argmax(dim=0)  # (E,)
+    gates = projected.gather(0, best.expand(1, t, -1))[0]  # (T, E)
+    weight = gates.square().sum(0)
+    # a product and a sum: einsum would make this E matrix-vector products
+    directions = (flat * gates[:, None]).sum(0) / torch.where(weight == 0, 1.0, weight)
+    residual = projected - (probes @ directions)[:, None] * gates
     size = gates.abs() * torch.linalg.vector_norm(directions, dim=0)
     tolerance = max(1e3, 4.0 * k) * torch.finfo(cot.dtype).eps
-    if bool((residual.abs() > tolerance * size[:, None]).any()):
+    if bool((residual.abs() - tolerance * size).amax() > 0):
         return None
     back = [0, *(1 + order.index(d) for d in range(2, 2 + len(order)))]
     return gates.reshape(t, *rest).permute(back), directions.reshape(k, *rest).permute(back)
 
 
-def _cotangent_structure(cot: Tensor) -> Literal["general", "shared", "gated"]:
+def _same_for_all(cot: Tensor) -> bool:
+    """Whether every sample's cotangents (T, ...) are the same."""
+    return bool(torch.equal(cot, cot[:1].expand_as(cot)))
+
+
+def _cotangent_structure(cot: Tensor, gating: bool) -> Literal["general", "shared", "gated"]:
     """How a use's cotangents (T, K, Gr, C, L) on the probe batch are structured:
-    "shared" (the same for every sample), "gated" (see :func:`_gated_factors`) or
-    "general"."""
-    if torch.equal(cot, cot[:1].expand_as(cot)):
+    "shared" (the same for every sample), "gated" (see :func:`_gated_factors`; only
+    tried where ``gating`` would pay) or "general"."""
+    if _same_for_all(cot):
         return "shared"
-    return "gated" if _gated_factors(cot) is not None else "general"
+    return "gated" if gating and _gated_factors(cot) is not None else "general"
 
 
 def _shared_is_cheaper(f: GramFeatures, full: bool) -> bool:
@@ -1375,7 +1509,8 @@ def _group_costs(g: _Group, k: int, full: bool) -> tuple[float, float, float, fl
         return shared * g.positions, shared, feature, 0.0
     if g.weight_norm is not None:  # the rank-C correction, and a folded bias's gradients
         vectors = 2 if g.bias is not None else 1
-        pair += 2 * k_pair * g.out_dim * vectors
+        gated = g.cotangents == "gated" and not full and g.positions == 1
+        pair += 2 * (1 if gated else k_pair) * g.out_dim * vectors
         feature += k * g.out_dim * vectors
     return 0.0, pair, feature, squares * (1 + n_products)
 

@@ -141,14 +141,20 @@ class Recorder(TorchFunctionMode):
     tensor whose cotangents are taken.
     """
 
-    def __init__(self, params: dict[str, Tensor], aranges: dict[str, Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        aranges: dict[str, Tensor] | None = None,
+        derived: dict[str, WeightNorm] | None = None,
+    ) -> None:
         super().__init__()
         self.params = params
         self.shapes: dict[str, torch.Size] = {n: p.shape for n, p in params.items()}
         self.tracked: dict[int, tuple[Tensor, str, Tensor | None, float]] = {
             id(p): (p, n, None, 1.0) for n, p in params.items()
         }
-        self.derived: dict[str, WeightNorm] = {}
+        #: weight-normed tensors (tracked in ``params``, or found in the pass) by key
+        self.derived: dict[str, WeightNorm] = dict(derived or {})
         self.uses: list[Use] = []
         self.other_uses: dict[str, str] = {}
         #: a tracked tensor was used with autograd off: inside a custom autograd.Function
