@@ -631,14 +631,18 @@ def test_gated_cotangents_fall_back_where_a_tile_does_not_factor(
         assert_close(kernel, reference_kernel(model, x, x2, "trace"))
 
 
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
 @pytest.mark.parametrize("build", [NtkMlp, weight_norm_mlp], ids=["ntk-mlp", "weight-norm"])
 def test_gated_one_position_products_match(
-    build: Callable[[], nn.Module], monkeypatch: pytest.MonkeyPatch
+    build: Callable[[], nn.Module], chunk: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One-position uses with gated cotangents (an elementwise map, then a linear head)
     and shared ones (the head): the factored trace products, the weight-norm correction
-    and folded bias among them, against the explicit Jacobian."""
+    and folded bias among them, against the explicit Jacobian; captured in chunks of 2,
+    whose factors are joined (shared directions) or formed out (each chunk's own)."""
     monkeypatch.setattr(layerwise, "_FACTORING_FLOPS", 0)
+    if chunk is not None:
+        monkeypatch.setattr(tiling, "_cache_friendly_chunk", lambda footprint, tile: chunk)
     torch.manual_seed(0)
     model = build().double()
     x = _randn(7, 1, 5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -234,24 +234,46 @@ class _ActivationCounter(TorchFunctionMode):
         return out
 
 
-def probe_model(model: nn.Module, x: Tensor, n_samples: int = 2) -> ModelProbe:
+def forward_flops(model: nn.Module, batch: Tensor) -> float:
+    """The forward FLOPs of ``model`` on ``batch``: autograd on and math SDPA, as in the
+    kernel methods."""
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _FlopCounter() as flops:
+        model_output(model, batch)
+    return flops.total
+
+
+def probe_model(
+    model: nn.Module,
+    x: Tensor,
+    n_samples: int = 2,
+    also: TorchFunctionMode | None = None,
+    outputs: list[Tensor] | None = None,
+) -> ModelProbe:
     """Forward FLOPs, activation bytes and output count per sample of ``model`` on the
-    first ``n_samples`` of ``x``: autograd on and math SDPA, as in the kernel methods."""
+    first ``n_samples`` of ``x``, autograd on and math SDPA, as in the kernel methods.
+
+    ``also``: another mode to observe the same pass (the layer-wise recorder: its copies
+    then count as activations, as in the capture it stands for); ``outputs``: a list that
+    receives the model's output. FLOPs are counted in a pass of their own, where no
+    observer's bookkeeping is counted or slowed down by the counter.
+    """
     batch = x[:n_samples]
     counter = _ActivationCounter()
     with (
         torch.enable_grad(),
         sdpa_kernel(SDPBackend.MATH),
-        _FlopCounter() as flops,
         counter,
+        also if also is not None else nullcontext(),
     ):
         out = model_output(model, batch)
+    if outputs is not None:
+        outputs.append(out)
     params = trainable_parameters(model)
     element_size = next(iter(params.values())).element_size()
     return ModelProbe(
         n_outputs=math.prod(out.shape[1:]),
         n_params=sum(p.numel() for p in params.values()),
-        forward_flops=flops.total / len(batch),
+        forward_flops=forward_flops(model, batch) / len(batch),
         activation_bytes=counter.numel * element_size / len(batch),
         element_size=element_size,
     )

@@ -196,7 +196,11 @@ class WeightedGrads:
     def join(parts: list[WeightedGrads]) -> WeightedGrads:
         """The vectors of consecutive chunks of samples as one."""
         first = parts[0]
-        if all(p.gates is not None and p.directions is first.directions for p in parts):
+        d = first.directions
+        if d is not None and all(
+            p.gates is not None and p.directions is not None and torch.equal(p.directions, d)
+            for p in parts
+        ):
             gates = torch.cat([p.gates for p in parts])  # type: ignore[misc]
             return WeightedGrads(first.w, gates=gates, directions=first.directions)
         return WeightedGrads(first.w, torch.cat([p.h for p in parts]))
@@ -256,9 +260,9 @@ class LayerwisePlan:
 
         The batches hold samples (s0, s1) and (s1, s0, s2) of ``x`` (then ``x2``, repeated
         if there are fewer). ``n_pairs`` (sample pairs per sample featurized) weighs
-        per-sample work against per-pair work. Two more forward passes on the same
-        batches measure the model's per-sample costs (their difference), returned with the
-        plan: counting operators inside the recording would count its bookkeeping too.
+        per-sample work against per-pair work. The same passes measure the model's
+        per-sample costs (their difference; FLOPs in a pass of their own each), returned
+        with the plan; the second one's cotangents price the Gram groups.
         """
         params = trainable_parameters(model)
         pool = x[:3] if x2 is None or len(x) >= 3 else torch.cat([x[:3], x2[: 3 - len(x)]])
@@ -267,12 +271,13 @@ class LayerwisePlan:
         aranges: dict[str, Tensor] = {}
         entries, norms = find_materialized(model, params), find_weight_norms(model, params)
         derived = {key: w.norm for key, w in norms.items()}
+        outputs: list[Tensor] = []
         with materialized(entries, norms) as weights:  # once for the four passes
-            rec_a, _ = _recorded(model, batch_a, params | weights, derived, aranges)
-            rec_b, out_b = _recorded(model, batch_b, params | weights, derived, aranges)
-            # per-call work (materializing the weights) is not a per-sample cost
-            probe_a = probe_model(model, batch_a, _PROBE_A)
-            probe_b = probe_model(model, batch_b, _PROBE_B)
+            rec_a = Recorder(params | weights, aranges, derived)
+            rec_b = Recorder(params | weights, aranges, derived)
+            probe_a = probe_model(model, batch_a, _PROBE_A, rec_a)
+            probe_b = probe_model(model, batch_b, _PROBE_B, rec_b, outputs)
+        out_b = outputs[0].reshape(_PROBE_B, -1)
         probe = per_sample(probe_a, probe_b, _PROBE_A, _PROBE_B)
         _detach_shared_chains(rec_a.uses, rec_b.uses, out_b)
         plan = cls._from_recordings(rec_a, rec_b, params, probe, n_pairs, full, entries)
@@ -1417,13 +1422,14 @@ def _gated_factors(cot: Tensor) -> tuple[Tensor, Tensor] | None:
         projected = (probes @ flat.transpose(0, 1).reshape(k, -1)).view(len(probes), t, -1)
     else:
         projected = torch.einsum("jk,tke->jte", probes, flat)
-    # per entry the probe with the largest projection; the direction that fits the
-    # samples' vectors best (least squares, weighted by the gates' squares)
+    # per entry the probe with the largest projection, and on it the sample with the
+    # largest: its vector, scaled to projection 1, is the direction (no T·K·E temporary)
     best = projected.abs().amax(dim=1).argmax(dim=0)  # (E,)
     gates = projected.gather(0, best.expand(1, t, -1))[0]  # (T, E)
-    weight = gates.square().sum(0)
-    # a product and a sum: einsum would make this E matrix-vector products
-    directions = (flat * gates[:, None]).sum(0) / torch.where(weight == 0, 1.0, weight)
+    sample = gates.abs().argmax(dim=0)
+    picked = flat.gather(0, sample[None, None].expand(1, k, -1))[0]  # (K, E)
+    scale = gates.gather(0, sample[None])[0]
+    directions = picked / torch.where(scale == 0, 1.0, scale)
     residual = projected - (probes @ directions)[:, None] * gates
     size = gates.abs() * torch.linalg.vector_norm(directions, dim=0)
     tolerance = max(1e3, 4.0 * k) * torch.finfo(cot.dtype).eps
