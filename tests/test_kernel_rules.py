@@ -559,6 +559,22 @@ def test_probe_counts_forward_flops_of_matmuls_and_convolutions() -> None:
     assert probe.n_outputs == 4
 
 
+def test_weight_norm_over_another_dim_is_pulled_back_through_its_vjp() -> None:
+    """``weight_norm(dim=1)`` is not the weight-norm rule's: its materialized weight's
+    per-sample gradients are pulled back to (v, g), exactly."""
+    torch.manual_seed(0)
+    wn = nn.utils.parametrizations.weight_norm
+    model = nn.Sequential(wn(nn.Linear(5, 6), dim=1), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = _randn(5, 4, 5)
+    with eval_mode(model):
+        plan, _ = LayerwisePlan.probe(model, x, n_pairs=2.0, full=True)
+    assert not plan.fallback, plan.rules
+    assert "then its vjp" in plan.rules["0.parametrizations.weight.original0"], plan.rules
+    for output in ("full", "trace"):
+        kernel = ntklens.ntk(model, x, output=output, method="layerwise")
+        assert_close(kernel, reference_kernel(model, x, None, output))
+
+
 def test_weight_norm_biases_fold_into_their_weights_features() -> None:
     """A weight-normed Linear's bias is contracted with its weight's features, not as a
     group of its own (the kernel itself is checked in the "weight-norm" case)."""
