@@ -499,9 +499,13 @@ class LayerwisePlan:
 
     def _capture(self, model: nn.Module, x: Tensor) -> tuple[list[Use], dict[int, Tensor]]:
         """One forward pass recording uses, then the cotangents of all K outputs at once."""
+        derived = {key: w.norm for key, w in self.weight_norms.items()}
         with materialized(self.materialized, self.weight_norms) as weights:
-            derived = {key: w.norm for key, w in self.weight_norms.items()}
-            recorder, out = _recorded(model, x, self.params | weights, derived, self.aranges)
+            recorder = Recorder(self.params | weights, self.aranges, derived)
+            # math SDPA: the flash kernel's backward has no batching rule, so the batched
+            # backward of the K outputs would loop over them
+            with torch.enable_grad(), recorder, sdpa_kernel(SDPBackend.MATH):
+                out = model_output(model, x).reshape(len(x), -1)
         uses = recorder.uses
         if [u.signature for u in uses] != self.signatures or any(
             layout is not None and u.source.shape[layout.axis] != len(x) * layout.fold
@@ -652,11 +656,9 @@ class LayerwisePlan:
                 factors = (cot.new_ones(t, 1, n_rows, 1), cot[0])
             elif group.cotangents == "gated":
                 factors = _gated_factors(cot)
-        if factors is not None and not shared:
-            gram = GramFeatures(inputs, None, scaled, 0.0, False, True)
-            gram._factors = (factors[0], factors[1] * scale)
-        else:
-            gram = GramFeatures(inputs, None, scaled, bias=0.0, shared=shared)
+        gated = factors is not None and not shared  # the Gram's factors: of scaled cotangents
+        own = (factors[0], factors[1] * scale) if factors is not None and gated else None
+        gram = GramFeatures(inputs, None, scaled, 0.0, shared, gated, own)
         if factors is not None:
             gates, directions = factors[0][:, 0, :, 0], factors[1][:, 0, :, 0]  # (T, C), (K, C)
             stacked = gates.new_empty(t, n_vectors * n_rows)
@@ -756,24 +758,6 @@ class LayerwisePlan:
 
 
 # --- plan ----------------------------------------------------------------------------
-
-
-def _recorded(
-    model: nn.Module,
-    x: Tensor,
-    tracked: dict[str, Tensor],
-    derived: dict[str, WeightNorm],
-    aranges: dict[str, Tensor],
-) -> tuple[Recorder, Tensor]:
-    """One forward pass of ``model`` on ``x`` that records the uses of the ``tracked``
-    tensors (parameters and materialized weights, weight-normed ones ``derived``), and
-    its output (T, K) on the autograd graph."""
-    recorder = Recorder(tracked, aranges, derived)
-    # math SDPA: the flash kernel's backward has no batching rule, so the batched
-    # backward of the K outputs would loop over them
-    with torch.enable_grad(), recorder, sdpa_kernel(SDPBackend.MATH):
-        out = model_output(model, x).reshape(len(x), -1)
-    return recorder, out
 
 
 def _detach_shared_chains(uses_a: list[Use], uses_b: list[Use], out: Tensor) -> None:
