@@ -19,7 +19,7 @@ The zoo: models written the way research code writes them (NTK-parameterized MLP
 TransformerEncoderLayer, ConvTranspose2d, weight_norm), each with a twin written with
 ``nn.Linear``/``F.linear`` where one exists. Per model: the share of parameters a
 structured rule covers, auto's and the torch.func recipe's median times (taking turns with
-the twin: three runs of the recipe, of auto and the twin as many as take about 2 s, 3 to 21),
+the twin: five runs of the recipe, of auto and the twin as many as take about 2 s, 5 to 101),
 their ratio, auto on the twin and auto / twin, the largest deviation of the twin's kernel
 from the model's (the same model: rounding only), auto's GFLOP/s by the layerwise cost model
 and the deviation from the recipe; float32 trace kernels, all in one process, of N samples
@@ -68,6 +68,7 @@ from ntklens.kernel.layerwise import LayerwisePlan
 BASELINE_MEMORY = 4 * 2**30  # bytes of Jacobians / vjps a baseline tile may hold
 REFERENCE_SAMPLES = 256
 SEED = 0
+RECIPE_RUNS = 5  # timed runs of the torch.func recipe per zoo model
 OUTPUT_MARKER = "NTK_SPEED_RESULT "
 
 
@@ -632,12 +633,16 @@ def run_zoo(names: list[str] | None, n: int | None, console: Console) -> None:
         auto(model, x[: len(x) // 4], "trace")
         start = time.perf_counter()
         auto(model, x, "trace")
-        # fast kernels get more rounds (about 2 s of auto), the recipe three
-        rounds = min(21, max(3, math.ceil(2.0 / (time.perf_counter() - start))))
+        # fast kernels get more rounds (about 2 s of auto: a kernel of a few ms is at the
+        # mercy of the VM's hiccups), the recipe five
+        rounds = min(101, max(RECIPE_RUNS, math.ceil(2.0 / (time.perf_counter() - start))))
         times: dict[str, list[float]] = {"auto": [], "twin": [], "recipe": []}
         for round_ in range(rounds):  # taking turns, so that a slow spell hits all three
-            for what, net in (("auto", model), ("twin", twin), ("recipe", model)):
-                if net is None or (what == "recipe" and round_ >= 3):
+            # auto and the twin each go first in every other round: the call right after
+            # the recipe (GiBs of Jacobians just freed) runs a few percent slower
+            pair = [("auto", model), ("twin", twin)][:: 1 if round_ % 2 == 0 else -1]
+            for what, net in (*pair, ("recipe", model)):
+                if net is None or (what == "recipe" and round_ >= RECIPE_RUNS):
                     continue
                 start = time.perf_counter()
                 if what == "recipe":
